@@ -1,0 +1,603 @@
+"""L2: an LMDB environment on local disk, shared by every gateway process on a
+host and kept across restarts.
+
+LMDB has no TTL and no size bound, so both are built here: every value carries
+its expiry and write time, an `age` index orders keys oldest-first for
+eviction, and one writer thread per process enforces the byte budget after
+each batch. Reads are inline (microseconds); writes never block the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import math
+import os
+import queue
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import lmdb
+
+try:
+    from lmdb.verify import verify as _verify  # py-lmdb >= 3: checks a file without mapping it
+except ImportError:  # pragma: no cover
+    _verify = None
+
+from cache.entry import Entry, decode_entry, encode_entry
+
+__all__ = ["LmdbConfig", "LmdbTier", "CLEAN_SHUTDOWN_MARKER"]
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+GiB = 1 << 30
+CLEAN_SHUTDOWN_MARKER = "clean-shutdown"
+_OPEN_LOCK_FILE = "tiergate-open.lock"  # serializes opening/closing across processes
+_USERS_LOCK_FILE = "tiergate-users.lock"  # every process with the env open holds it shared
+
+# Value: expires_at (unix seconds), written_at (unix microseconds), then the
+# encoded entry. Microseconds, not seconds, order the age index: with whole
+# seconds, every write of the oldest second would tie and evict in key order,
+# i.e. at random, which matters whenever the cache holds only seconds of writes.
+_HEADER = struct.Struct("<IQ")
+_AGE = struct.Struct(">Q")  # big-endian written_at, so the age index sorts oldest-first
+_US = 1_000_000
+_U32_MAX = 2**32 - 1
+_BATCH = 512  # items per write transaction
+_EXPIRE_PER_PASS = 1024  # expired entries removed per write batch / idle tick
+_SCAN_CHUNK = 10_000  # keys per read transaction when scanning
+
+# Eviction (see _enforce_budget): start above 95% of the budget, aim for 90%.
+_HIGH_WATER = 0.95
+_LOW_WATER = 0.90
+
+_STOP = object()
+_WAKE = object()
+
+
+@dataclass(frozen=True, slots=True)
+class LmdbConfig:
+    path: str | os.PathLike[str]
+    max_bytes: int = 512 * MiB
+    ttl_s: float = 7 * 86400.0
+    # None: max(4 * max_bytes, 1 GiB). Reserving address space is free, and
+    # LMDB fails hard (MapFullError) when the map fills, so reserve plenty and
+    # enforce our own, smaller budget.
+    map_size: int | None = None
+    sync_interval_s: float = 1.0
+    # Entries queued for the writer beyond this are dropped (and counted), so a
+    # writer stalled on another process's write lock cannot grow memory forever.
+    max_pending_writes: int = 100_000
+
+    def __post_init__(self) -> None:
+        if not os.fspath(self.path):
+            raise ValueError("L2 path must not be empty")
+        if self.max_bytes <= 0:
+            raise ValueError(f"L2 max_bytes must be > 0, got {self.max_bytes}")
+        if not 0 < self.ttl_s <= _U32_MAX:
+            raise ValueError(f"L2 ttl_s must be in (0, {_U32_MAX}], got {self.ttl_s}")
+        if self.map_size is None:
+            object.__setattr__(self, "map_size", max(4 * self.max_bytes, GiB))
+        elif self.map_size < 2 * self.max_bytes:
+            raise ValueError(
+                f"L2 map_size must be >= 2 * max_bytes ({2 * self.max_bytes}), got {self.map_size}"
+            )
+        if not self.sync_interval_s > 0:
+            raise ValueError(f"L2 sync_interval_s must be > 0, got {self.sync_interval_s}")
+        if self.max_pending_writes < 1:
+            raise ValueError(f"L2 max_pending_writes must be >= 1, got {self.max_pending_writes}")
+
+
+def _unlink(*paths: str) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+# LMDB must not be opened twice in one process (its fcntl locks are per
+# process and file: closing one handle releases the other's), so refuse it.
+_open_paths: set[str] = set()
+_open_paths_lock = threading.Lock()
+
+
+class LmdbTier:
+    """The L2 tier. Open one per process per directory, after the process has
+    started (an LMDB environment does not survive fork)."""
+
+    name = "l2"
+
+    def __init__(self, config: LmdbConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock  # wall clock: expiry times are shared between processes
+        self.path = os.path.abspath(os.fspath(config.path))
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("hits", "misses", "writes", "evicted", "expired", "rebuilt",
+             "write_errors", "read_errors", "dropped"), 0)  # fmt: skip
+        self._logged: set[str] = set()
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        # Held by readers for the length of a read transaction, and by whoever
+        # resizes or closes the environment: both need no transaction active.
+        self._gate = threading.Lock()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._resize_needed = False
+        self._close_lock = threading.Lock()
+        self._users_fd: int | None = None
+
+        with _open_paths_lock:
+            if self.path in _open_paths:
+                raise RuntimeError(f"L2 directory {self.path} is already open in this process")
+            _open_paths.add(self.path)
+        env = None
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            self._env = env = self._open()
+            self._entries = env.open_db(b"entries")
+            self._age = env.open_db(b"age")
+            self._main = env.open_db(None)
+            self._psize = env.stat()["psize"]
+        except BaseException:
+            if env is not None:
+                env.close()
+            self._release_users_lock(write_marker=False)
+            with _open_paths_lock:
+                _open_paths.discard(self.path)
+            raise
+        self._writer = threading.Thread(target=self._writer_main, name="tiergate-l2-writer", daemon=True)
+        self._writer.start()
+
+    # -- opening, checking, closing -----------------------------------------
+
+    def _open(self) -> lmdb.Environment:
+        """Open the environment, checking it first if the last process to use
+        it did not close it cleanly (only when no other process has it open)."""
+        open_fd = os.open(os.path.join(self.path, _OPEN_LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(open_fd, fcntl.LOCK_EX)
+            self._users_fd = os.open(os.path.join(self.path, _USERS_LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                first = True
+            except BlockingIOError:
+                first = False  # others have it open: it was checked when the first of them opened it
+            marker = os.path.join(self.path, CLEAN_SHUTDOWN_MARKER)
+            if first:
+                if not os.path.exists(marker):
+                    problem = self._check_unclean()
+                    if problem is not None:
+                        log.warning("L2 at %s was not shut down cleanly and is damaged (%s): rebuilding it empty",
+                                    self.path, problem)  # fmt: skip
+                        _unlink(os.path.join(self.path, "data.mdb"), os.path.join(self.path, "lock.mdb"))
+                        self.counters["rebuilt"] += 1
+                # The marker is absent while any process has the env open, so a
+                # crash from here on is recognized at the next open.
+                _unlink(marker)
+            env = lmdb.open(
+                self.path,
+                map_size=self.config.map_size,
+                max_dbs=2,
+                sync=False,  # a cache: the writer thread syncs every sync_interval_s
+                lock=True,
+                readahead=False,  # random reads of a large map: readahead only wastes page cache
+            )
+            if first:
+                env.reader_check()  # clear reader slots of dead processes, which pin old pages
+            fcntl.flock(self._users_fd, fcntl.LOCK_SH)  # the first one downgrades: others may open now
+            return env
+        finally:
+            os.close(open_fd)  # closing the descriptor releases the open lock
+
+    def _check_unclean(self) -> str | None:
+        """Why the data file left by an unclean stop is unsafe to open, or None.
+
+        A truncated data file makes LMDB die with SIGBUS when it touches a page
+        past the end, so this never hands a page to liblmdb before checking:
+        sizes first, then lmdb.verify (a pure-Python walker, py-lmdb >= 3),
+        else a full cursor scan, which is safe once the sizes add up.
+        """
+        data = os.path.join(self.path, "data.mdb")
+        try:
+            size = os.path.getsize(data)
+        except FileNotFoundError:
+            return None
+        if size == 0:
+            return None  # LMDB initializes an empty file like a new one
+        psize = os.sysconf("SC_PAGE_SIZE")  # LMDB's page size on this host
+        if size < 2 * psize:
+            return f"data.mdb is {size} bytes, shorter than its two meta pages"
+        try:
+            env = lmdb.open(self.path, map_size=self.config.map_size, max_dbs=2, readonly=True, lock=False)
+        except lmdb.Error as exc:
+            return f"cannot open: {exc}"
+        try:
+            needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+            if size < needed:
+                return f"data.mdb is {size} bytes, its pages need {needed}"
+            if _verify is None:  # py-lmdb < 3: walk every B-tree through liblmdb
+                try:
+                    with env.begin(buffers=True) as txn:
+                        for name in (b"entries", b"age"):
+                            if txn.get(name) is not None:
+                                for _item in txn.cursor(db=env.open_db(name, txn=txn, create=False)):
+                                    pass
+                except lmdb.Error as exc:
+                    return f"scan failed: {exc}"
+                return None
+        finally:
+            env.close()
+        try:
+            problems = _verify(self.path)
+        except Exception as exc:  # VerifyError, OSError, or a walker bug
+            return f"verify failed: {exc}"
+        return f"verify: {problems[0]}" if problems else None
+
+    def _release_users_lock(self, write_marker: bool) -> None:
+        """Leave the set of users; the last one out writes the clean marker."""
+        if self._users_fd is None:
+            return
+        open_fd = os.open(os.path.join(self.path, _OPEN_LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(open_fd, fcntl.LOCK_EX)
+            fcntl.flock(self._users_fd, fcntl.LOCK_UN)
+            try:
+                fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                last = True
+            except BlockingIOError:
+                last = False
+            if last and write_marker:
+                with open(os.path.join(self.path, CLEAN_SHUTDOWN_MARKER), "w") as f:
+                    f.write("closed cleanly; absent while open or after a crash\n")
+        finally:
+            os.close(self._users_fd)
+            self._users_fd = None
+            os.close(open_fd)
+
+    def close_sync(self, timeout: float = 5.0) -> None:
+        """Write what is queued (up to `timeout`), sync, close, and mark the
+        directory as cleanly closed when this was the last process using it."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.flush(timeout)
+        self._queue.put(_STOP)
+        self._writer.join()
+        with self._gate:
+            try:
+                self._env.sync(True)
+            except lmdb.Error as exc:
+                self._log_once("sync", exc)
+            self._env.close()
+        self._release_users_lock(write_marker=True)
+        with _open_paths_lock:
+            _open_paths.discard(self.path)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.close_sync)  # flush and sync block
+
+    # -- reads ----------------------------------------------------------------
+
+    def get_many_sync(self, keys: Sequence[bytes]) -> list[Entry | None]:
+        out: list[Entry | None] = [None] * len(keys)
+        if self._closed or not keys:
+            return out
+        now = self.clock()
+        try:
+            with self._gate, self._env.begin(db=self._entries, buffers=False) as txn:
+                get = txn.get
+                for i, key in enumerate(keys):
+                    value = get(key)
+                    if value is None:
+                        continue
+                    expires_at, _written_at = _HEADER.unpack_from(value)
+                    if expires_at <= now:
+                        continue  # expired: a miss; the writer removes it later
+                    out[i] = decode_entry(value[_HEADER.size :])
+        except lmdb.MapResizedError:
+            # Another process grew the map. Resizing needs no transaction of
+            # this process open, which only the writer can arrange: ask it, and
+            # miss meanwhile.
+            self._resize_needed = True
+            self._queue.put(_WAKE)
+            out = [None] * len(keys)
+        except (lmdb.Error, ValueError, struct.error) as exc:
+            self.counters["read_errors"] += 1
+            self._log_once("read", exc)
+            out = [None] * len(keys)
+        hits = sum(e is not None for e in out)
+        self.counters["hits"] += hits
+        self.counters["misses"] += len(keys) - hits
+        return out
+
+    async def get_many(self, keys: Sequence[bytes]) -> list[Entry | None]:
+        # Inline, not in a thread: an LMDB read is a few microseconds, far less
+        # than a hop to an executor.
+        return self.get_many_sync(keys)
+
+    def iter_keys(self) -> Iterator[bytes]:
+        """Every live (unexpired) key, e.g. to warm the KeyFilter at start.
+        Reads in chunks, each in a short transaction: a long-lived reader would
+        stop LMDB from reusing freed pages."""
+        after: bytes | None = None
+        while not self._closed:
+            chunk: list[bytes] = []
+            now = self.clock()
+            with self._gate, self._env.begin(db=self._entries, buffers=False) as txn:
+                cur = txn.cursor()
+                found = cur.set_range(after) if after is not None else cur.first()
+                if found and after is not None and cur.key() == after:
+                    found = cur.next()
+                while found and len(chunk) < _SCAN_CHUNK:
+                    key, value = cur.item()
+                    if _HEADER.unpack_from(value)[0] > now:
+                        chunk.append(key)
+                    after = key
+                    found = cur.next()
+            yield from chunk
+            if not found:
+                return
+
+    def keys_written_since(self, since: float, limit: int = _SCAN_CHUNK,
+                           after: bytes | None = None) -> tuple[list[bytes], bytes | None]:  # fmt: skip
+        """Keys written (by any process on the host) at or after unix second
+        `since`, oldest first, at most `limit`; or, given `after` (the position
+        a previous call returned), the ones written after that position. Lets a
+        process learn the other processes' writes by reading the age index."""
+        keys: list[bytes] = []
+        if self._closed:
+            return keys, after
+        with self._gate, self._env.begin(db=self._age, buffers=False) as txn:
+            cur = txn.cursor()
+            found = cur.set_range(after if after is not None else _AGE.pack(max(0, int(since * _US))))
+            if found and after is not None and cur.key() == after:
+                found = cur.next()
+            while found and len(keys) < limit:
+                after = cur.key()
+                keys.append(after[_AGE.size :])
+                found = cur.next()
+        return keys, after
+
+    def used_bytes(self) -> int:
+        """Bytes in pages that hold data (all three B-trees); free pages, which
+        LMDB reuses, are not counted. This is what the budget bounds."""
+        with self._gate, self._env.begin() as txn:
+            return self._used(txn)
+
+    def __len__(self) -> int:
+        with self._gate, self._env.begin() as txn:
+            return txn.stat(self._entries)["entries"]
+
+    # -- writes ---------------------------------------------------------------
+
+    async def put_many(self, items: Sequence[tuple[bytes, Entry]]) -> None:
+        self.put_many_nowait(items)
+
+    def put_many_nowait(self, items: Sequence[tuple[bytes, Entry]]) -> None:
+        """Queue entries for the writer thread and return at once."""
+        if self._closed or not items:
+            return
+        encoded = [(key, encode_entry(entry)) for key, entry in items]
+        with self._pending_lock:
+            room = self.config.max_pending_writes - self._pending
+            if room < len(encoded):
+                self.counters["dropped"] += len(encoded) - max(room, 0)
+                encoded = encoded[: max(room, 0)]
+            self._pending += len(encoded)
+        for start in range(0, len(encoded), _BATCH):
+            self._queue.put(encoded[start : start + _BATCH])
+
+    def flush(self, timeout: float | None = 5.0) -> bool:
+        """Wait until everything queued before this call is written. Returns
+        False on timeout. Blocking: from async code use asyncio.to_thread."""
+        if not self._writer.is_alive():
+            return self._queue.empty()
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
+    def _writer_main(self) -> None:
+        interval = self.config.sync_interval_s
+        last_sync = last_tick = time.monotonic()
+        dirty = False
+        stop = False
+        while not stop:
+            wait = max(0.0, interval - (time.monotonic() - (last_sync if dirty else last_tick)))
+            try:
+                item = self._queue.get(timeout=wait)
+            except queue.Empty:
+                item = None
+            batch: list[tuple[bytes, bytes]] = []
+            events: list[threading.Event] = []
+            while item is not None:
+                if item is _STOP:
+                    stop = True
+                    break
+                if item is _WAKE:
+                    pass
+                elif isinstance(item, threading.Event):
+                    events.append(item)
+                else:
+                    batch.extend(item)
+                if len(batch) >= _BATCH:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    item = None
+            try:
+                if self._resize_needed:
+                    self._adopt_map_size()
+                if batch:
+                    self._write_batch(batch)
+                    dirty = True
+                now = time.monotonic()
+                if now - last_tick >= interval:
+                    last_tick = now
+                    self._idle_maintenance()
+                if dirty and (now - last_sync >= interval or stop):
+                    self._env.sync(True)
+                    last_sync, dirty = now, False
+            except Exception as exc:  # never let the writer die: the cache just stops filling
+                self.counters["write_errors"] += 1
+                self._log_once("writer", exc)
+            finally:
+                if batch:
+                    with self._pending_lock:
+                        self._pending -= len(batch)
+                for event in events:
+                    event.set()
+        # Whatever is still queued after the stop is dropped: close has flushed.
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, threading.Event):
+                item.set()
+            elif isinstance(item, list):
+                self.counters["dropped"] += len(item)
+
+    def _write_batch(self, batch: list[tuple[bytes, bytes]]) -> None:
+        for attempt in range(3):
+            try:
+                clock = self.clock()
+                now = int(clock)
+                now_us = int(clock * _US)
+                header = _HEADER.pack(min(now + math.ceil(self.config.ttl_s), _U32_MAX), now_us)
+                age_now = _AGE.pack(now_us)
+                with self._env.begin(write=True, db=self._entries) as txn:
+                    for key, value in batch:
+                        old = txn.get(key)
+                        if old is not None:  # overwrite: drop the old age row
+                            txn.delete(_AGE.pack(_HEADER.unpack_from(old)[1]) + key, db=self._age)
+                        txn.put(key, header + value)
+                        txn.put(age_now + key, b"", db=self._age)
+                    self._enforce_budget(txn, now, len(batch))
+                self.counters["writes"] += len(batch)
+                return
+            except lmdb.MapFullError as exc:
+                if attempt == 0:
+                    self._log_once("mapfull", exc)
+                    self._evict_hard()
+                    continue
+                break
+            except lmdb.MapResizedError:
+                self._adopt_map_size()
+                continue
+            except lmdb.Error as exc:
+                self._log_once("write", exc)
+                break
+        self.counters["write_errors"] += 1
+        self.counters["dropped"] += len(batch)
+
+    def _used(self, txn: lmdb.Transaction) -> int:
+        pages = 0
+        for db in (self._main, self._entries, self._age):
+            s = txn.stat(db)
+            pages += s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]
+        return pages * self._psize
+
+    def _enforce_budget(self, txn: lmdb.Transaction, now: int, batch_len: int) -> None:
+        """Keep the pages in use under max_bytes, oldest writes out first.
+
+        Keys are hashes, so the oldest entries are scattered over the whole
+        `entries` B-tree: deleting them leaves holes in pages rather than
+        freeing pages (LMDB only merges pages under 25% full). Deleting "until
+        used bytes < 90%" would therefore throw out a third or more of the
+        cache at once. Instead, past 95% of the budget, evict about what brings
+        the estimate to 90%, at most twice this batch per batch: the holes
+        absorb the following writes, so pages plateau just under the budget
+        and the entry count stays steady. A hard stop keeps pages <= max_bytes.
+        """
+        self._expire(txn, now, _EXPIRE_PER_PASS)
+        budget = self.config.max_bytes
+        used = self._used(txn)
+        if used <= _HIGH_WATER * budget:
+            return
+        n = txn.stat(self._entries)["entries"]
+        need = math.ceil(n * (used - _LOW_WATER * budget) / used)
+        self._evict_oldest(txn, min(need, max(2 * batch_len, 1024)))
+        used = self._used(txn)
+        while used > budget:
+            n = txn.stat(self._entries)["entries"]
+            if n == 0 or self._evict_oldest(txn, max(1, n // 64)) == 0:
+                break
+            used = self._used(txn)
+
+    def _evict_oldest(self, txn: lmdb.Transaction, count: int) -> int:
+        cur = txn.cursor(db=self._age)
+        done = 0
+        found = cur.first()
+        while found and done < count:
+            txn.delete(cur.key()[_AGE.size :], db=self._entries)
+            found = cur.delete()  # moves to the next row
+            done += 1
+        self.counters["evicted"] += done
+        return done
+
+    def _expire(self, txn: lmdb.Transaction, now: int, limit: int) -> int:
+        # All processes write with their config's TTL, so expiry follows write
+        # order closely: walk from the oldest and stop at the first live one.
+        cur = txn.cursor(db=self._age)
+        done = 0
+        found = cur.first()
+        while found and done < limit:
+            key = cur.key()[_AGE.size :]
+            value = txn.get(key, db=self._entries)
+            if value is not None and _HEADER.unpack_from(value)[0] > now:
+                break
+            if value is not None:
+                txn.delete(key, db=self._entries)
+            found = cur.delete()
+            done += 1
+        self.counters["expired"] += done
+        return done
+
+    def _idle_maintenance(self) -> None:
+        self._env.reader_check()  # dead readers would pin pages and grow the file
+        now = int(self.clock())
+        # Look before taking the write lock, which every process on the host shares.
+        with self._gate, self._env.begin(db=self._age) as txn:
+            cur = txn.cursor()
+            if not cur.first():
+                return
+            value = txn.get(cur.key()[_AGE.size :], db=self._entries)
+            if value is not None and _HEADER.unpack_from(value)[0] > now:
+                return
+        with self._env.begin(write=True) as txn:
+            self._expire(txn, now, _EXPIRE_PER_PASS)
+
+    def _evict_hard(self) -> None:
+        """The map is full (a reader pinning old pages, or a budget far above
+        what the map can hold): drop the oldest quarter, in small transactions
+        so that each one needs few new pages."""
+        try:
+            with self._env.begin() as txn:
+                target = txn.stat(self._entries)["entries"] // 4
+            while target > 0:
+                with self._env.begin(write=True) as txn:
+                    done = self._evict_oldest(txn, min(target, _BATCH))
+                if done == 0:
+                    break
+                target -= done
+        except lmdb.Error as exc:
+            self._log_once("evict", exc)
+
+    def _adopt_map_size(self) -> None:
+        # Another process grew the map: adopt its size. Needs no transaction of
+        # this process open: only the writer calls this, between its own
+        # transactions, and the gate keeps readers out meanwhile.
+        with self._gate:
+            self._resize_needed = False
+            self._env.set_mapsize(0)
+
+    def _log_once(self, kind: str, exc: BaseException) -> None:
+        if kind in self._logged:
+            log.debug("L2 %s error: %r", kind, exc)
+            return
+        self._logged.add(kind)
+        log.warning("L2 %s error (logged once, then counted): %r", kind, exc)

@@ -1,0 +1,5 @@
+"""The shared-model inference service, its batching, model loading and building.
+
+This package's __init__ imports nothing heavy: the gateway imports
+inference.client, and the gateway process must never load torch.
+"""

@@ -1,0 +1,132 @@
+"""Loads one sequence-classification model and scores texts with it.
+
+Any Hugging Face AutoModelForSequenceClassification checkpoint works: a local
+directory, or a hub id where a hub is reachable. Nothing loads at import time;
+call load() once, then score() from one thread at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pathlib
+from dataclasses import dataclass
+
+__all__ = ["ModelConfig", "ModelInfo", "SequenceClassifier"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    source: str                # local checkpoint directory or hub id
+    device: str = "auto"       # auto (CUDA when present, else CPU), cpu, cuda, cuda:N
+    quantize: bool = False     # int8 dynamic quantization of Linear layers (CPU only)
+    threads: int | None = None  # torch intra-op threads; None: one per core
+    max_length: int = 256      # tokens per text; longer texts are truncated
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ValueError("model source is empty: give a checkpoint directory or a hub id")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"model threads must be >= 1, got {self.threads}")
+        if not 8 <= self.max_length <= 8192:
+            raise ValueError(f"model max_length must be in 8..8192, got {self.max_length}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"model device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    labels: tuple[str, ...]
+    fingerprint: str  # changes whenever weights, tokenizer, labels or precision change
+    device: str
+    dtype: str
+
+
+class SequenceClassifier:
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.info: ModelInfo | None = None
+        self._model = None
+        self._tokenizer = None
+        self._labels: tuple[str, ...] = ()
+
+    def load(self) -> ModelInfo:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        cfg = self.config
+        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+        device = cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"model device {device!r} was asked for but torch sees no CUDA device")
+        if cfg.quantize and device != "cpu":
+            raise RuntimeError("int8 dynamic quantization runs on the CPU only; drop --quantize or use --device cpu")
+
+        local = pathlib.Path(cfg.source).expanduser()
+        source = str(local) if local.exists() else cfg.source
+        if not local.exists() and cfg.source.startswith(("/", "./", "../", "~")):
+            raise FileNotFoundError(f"model directory {cfg.source!r} does not exist")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForSequenceClassification.from_pretrained(source)
+        except OSError as exc:
+            # transformers says "couldn't connect to huggingface.co" for a hub id
+            # with no hub reachable; name the model and the way out instead.
+            raise RuntimeError(
+                f"cannot load model {cfg.source!r}: not a checkpoint directory here, and the model hub "
+                f"did not provide it ({exc.__class__.__name__}). Give a local checkpoint directory."
+            ) from exc
+        model.eval()
+        id2label = model.config.id2label
+        labels = tuple(str(id2label[i]) for i in range(len(id2label)))
+        fingerprint_src = hashlib.blake2b(digest_size=16)
+        for name, tensor in sorted(model.state_dict().items()):
+            fingerprint_src.update(name.encode())
+            fingerprint_src.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        fingerprint_src.update("\x00".join(labels).encode())
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        fingerprint_src.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
+
+        dtype = "float32"
+        if cfg.quantize:
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+            dtype = "int8-dynamic"
+        fingerprint_src.update(dtype.encode())
+        model.to(device)
+
+        model_id = getattr(model.config, "tiergate_model_id", None) or (local.name if local.exists() else cfg.source)
+        self._model, self._tokenizer, self._labels = model, tokenizer, labels
+        self._device = device
+        self.info = ModelInfo(model_id, labels, fingerprint_src.hexdigest()[:16], device, dtype)
+        log.info("loaded model %s (%s, %s) fingerprint %s", model_id, device, dtype, self.info.fingerprint)
+        return self.info
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Token counts (capped at max_length), for grouping texts of similar length."""
+        enc = self._tokenizer(texts, add_special_tokens=True, truncation=True, max_length=self.config.max_length)
+        return [len(ids) for ids in enc["input_ids"]]
+
+    def tokenize(self, texts: list[str]):
+        return self._tokenizer(
+            texts, padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt"
+        )
+
+    def forward(self, encoded) -> list[tuple[str, float]]:
+        import torch
+
+        with torch.inference_mode():
+            inputs = {k: v.to(self._device) for k, v in encoded.items()}
+            probs = torch.softmax(self._model(**inputs).logits.float(), dim=-1)
+            scores, idx = probs.max(dim=-1)
+        return [(self._labels[i], s) for i, s in zip(idx.tolist(), scores.tolist())]
+
+    def score(self, texts: list[str]) -> list[tuple[str, float]]:
+        if self._model is None:
+            raise RuntimeError("SequenceClassifier.score() called before load()")
+        return self.forward(self.tokenize(texts))

@@ -1,0 +1,173 @@
+"""The inference service: one process, one model, many gateways' misses.
+
+Each gateway keeps one bidirectional Score stream open; every message carries
+many (id, text) items and results go back as soon as their batch is scored,
+matched by id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from inference.batcher import BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
+from inference.channel_options import SERVER_OPTIONS
+from inference.model import ModelConfig, SequenceClassifier
+from protos import inference_pb2, inference_pb2_grpc
+
+__all__ = ["InferenceConfig", "InferenceServer", "start_inference_server"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    model: ModelConfig
+    batcher: BatcherConfig = BatcherConfig()
+    host: str = "127.0.0.1"
+    port: int = 50052  # 0: any free port
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"inference port must be in 0..65535, got {self.port}")
+
+
+def _error_result(item_id: int, exc: BaseException) -> inference_pb2.ScoreResult:
+    if isinstance(exc, QueueFull):
+        code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    elif isinstance(exc, DeadlineExpired):
+        code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    elif isinstance(exc, asyncio.CancelledError):
+        code, message = grpc.StatusCode.CANCELLED, "cancelled"
+    else:
+        code, message = grpc.StatusCode.INTERNAL, "the model failed to score this text"
+    return inference_pb2.ScoreResult(id=item_id, code=code.value[0], message=message)
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, model: SequenceClassifier, batcher: DynamicBatcher) -> None:
+        self._model = model
+        self._batcher = batcher
+        info = model.info
+        self._info = inference_pb2.ModelInfo(
+            model_id=info.model_id, labels=list(info.labels), fingerprint=info.fingerprint,
+            device=info.device, dtype=info.dtype,
+        )
+
+    async def Describe(self, request, context):
+        return self._info
+
+    async def GetStats(self, request, context):
+        counters = dict(self._batcher.counters)
+        counters["queue_depth"] = self._batcher.depth
+        return inference_pb2.InferenceStats(counters=counters)
+
+    async def Score(self, request_iterator, context):
+        # Results (or None, a wake-up for a cancelled item) queue here as
+        # batches finish; the loop below sends everything ready in one message.
+        outbox: asyncio.Queue = asyncio.Queue()
+        pending: dict[int, asyncio.Future] = {}
+
+        def deliver(item_id: int, future: asyncio.Future) -> None:
+            pending.pop(item_id, None)
+            if future.cancelled():
+                outbox.put_nowait(None)
+            elif future.exception() is not None:
+                outbox.put_nowait(_error_result(item_id, future.exception()))
+            else:
+                label, score = future.result()
+                outbox.put_nowait(inference_pb2.ScoreResult(id=item_id, label=label, score=score))
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    for item in request.items:
+                        try:
+                            future = self._batcher.submit(item.text, item.timeout_ms / 1000 or None)
+                        except QueueFull as exc:
+                            outbox.put_nowait(_error_result(item.id, exc))
+                            continue
+                        pending[item.id] = future
+                        future.add_done_callback(lambda f, i=item.id: deliver(i, f))
+                    for item_id in request.cancel_ids:
+                        future = pending.get(item_id)
+                        if future is not None:
+                            future.cancel()  # the batcher skips it before it costs a forward pass
+            finally:
+                outbox.put_nowait(_READ_DONE)
+
+        reader = asyncio.create_task(read())
+        reading = True
+        try:
+            while reading or pending:
+                ready = [await outbox.get()]
+                while not outbox.empty():
+                    ready.append(outbox.get_nowait())
+                results = []
+                for item in ready:
+                    if item is _READ_DONE:
+                        reading = False
+                    elif item is not None:
+                        results.append(item)
+                if results:
+                    yield inference_pb2.ScoreResponse(results=results, fingerprint=self._info.fingerprint)
+        finally:
+            reader.cancel()
+            for future in list(pending.values()):
+                future.cancel()
+
+
+_READ_DONE = object()
+
+
+class InferenceServer:
+    def __init__(self, config: InferenceConfig) -> None:
+        self.config = config
+        self.model = SequenceClassifier(config.model)
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._batcher: DynamicBatcher | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Loading takes seconds: keep the loop free (and signals handled) meanwhile.
+        await loop.run_in_executor(None, self.model.load)
+        self._batcher = DynamicBatcher(self.model.score, self.config.batcher)
+        self._batcher.start()
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.model, self._batcher), server)
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        reflection.enable_server_reflection([SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server)
+        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        await server.start()
+        for name in ("", SERVICE_NAME):
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._batcher is not None:
+            await self._batcher.close()
+
+
+async def start_inference_server(config: InferenceConfig) -> InferenceServer:
+    server = InferenceServer(config)
+    await server.start()
+    return server

@@ -1,0 +1,150 @@
+"""DynamicBatcher with a plain function standing in for the model (a unit test of the layer above it)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from inference.batcher import BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
+
+
+class RecordingModel:
+    def __init__(self, fail: bool = False, drop_one: bool = False, gate: threading.Event | None = None):
+        self.batches: list[list[str]] = []
+        self.fail, self.drop_one, self.gate = fail, drop_one, gate
+
+    def __call__(self, texts: list[str]) -> list[tuple[str, float]]:
+        if self.gate is not None:
+            self.gate.wait(5)
+        self.batches.append(list(texts))
+        if self.fail:
+            raise RuntimeError("boom")
+        out = [(t.upper(), float(len(t))) for t in texts]
+        return out[:-1] if self.drop_one else out
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def with_batcher(model, config, body):
+    batcher = DynamicBatcher(model, config)
+    batcher.start()
+    try:
+        return await body(batcher)
+    finally:
+        await batcher.close()
+
+
+def test_concurrent_texts_share_one_model_call_and_get_their_own_results():
+    model = RecordingModel()
+
+    async def body(b):
+        return await asyncio.gather(*(b.submit(f"text {i}") for i in range(10)))
+
+    results = run(with_batcher(model, BatcherConfig(max_batch=32, max_wait_s=0.05), body))
+    assert results == [(f"TEXT {i}", float(len(f"text {i}"))) for i in range(10)]
+    assert len(model.batches) == 1
+
+
+def test_a_full_batch_goes_at_once_and_max_batch_is_respected():
+    model = RecordingModel()
+
+    async def body(b):
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await asyncio.gather(*(b.submit(f"t{i}") for i in range(8)))
+        return loop.time() - start
+
+    took = run(with_batcher(model, BatcherConfig(max_batch=4, max_wait_s=0.5, max_queue=64), body))
+    assert took < 0.4  # did not wait for max_wait_s: the batches were full
+    assert [len(b) for b in model.batches] == [4, 4]
+
+
+def test_texts_are_grouped_by_length():
+    gate = threading.Event()
+    model = RecordingModel(gate=gate)
+    short = [f"s{i}" for i in range(4)]
+    long = [" ".join(["word"] * 200) + str(i) for i in range(4)]
+
+    async def body(b):
+        futures = [b.submit(t) for pair in zip(short, long) for t in pair]  # interleaved arrival
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(*futures)
+
+    run(with_batcher(model, BatcherConfig(max_batch=4, max_wait_s=0.001, max_queue=64), body))
+    groups = [set(b) for b in model.batches]
+    assert set(short) in groups and set(long) in groups
+
+
+def test_token_budget_splits_long_texts():
+    model = RecordingModel()
+    long = [" ".join(["word"] * 300) + str(i) for i in range(4)]  # ~400 tokens each
+
+    async def body(b):
+        await asyncio.gather(*(b.submit(t) for t in long))
+
+    run(with_batcher(model, BatcherConfig(max_batch=32, max_tokens=1000, max_wait_s=0.01), body))
+    assert all(len(b) <= 2 for b in model.batches) and sum(map(len, model.batches)) == 4
+
+
+def test_model_error_fails_every_future_of_the_batch():
+    async def body(b):
+        return await asyncio.gather(*(b.submit(f"t{i}") for i in range(3)), return_exceptions=True)
+
+    results = run(with_batcher(RecordingModel(fail=True), BatcherConfig(max_wait_s=0.01), body))
+    assert all(isinstance(r, RuntimeError) for r in results)
+
+
+def test_wrong_result_count_fails_every_future():
+    async def body(b):
+        return await asyncio.gather(*(b.submit(f"t{i}") for i in range(3)), return_exceptions=True)
+
+    results = run(with_batcher(RecordingModel(drop_one=True), BatcherConfig(max_wait_s=0.01), body))
+    assert all(isinstance(r, RuntimeError) and "2 results for 3 texts" in str(r) for r in results)
+
+
+def test_cancelled_and_expired_texts_never_reach_the_model():
+    gate = threading.Event()
+    model = RecordingModel(gate=gate)
+
+    async def body(b):
+        blocker = b.submit("first batch")  # occupies the model while the others queue
+        await asyncio.sleep(0.02)
+        cancelled = b.submit("cancelled")
+        expired = b.submit("expired", timeout=0.01)
+        kept = b.submit("kept")
+        cancelled.cancel()
+        await asyncio.sleep(0.05)
+        gate.set()
+        await blocker
+        assert await kept == ("KEPT", 4.0)
+        with pytest.raises(DeadlineExpired):
+            await expired
+        return b.counters
+
+    counters = run(with_batcher(model, BatcherConfig(max_batch=1, max_wait_s=0.001, max_queue=8), body))
+    seen = [t for batch in model.batches for t in batch]
+    assert "cancelled" not in seen and "expired" not in seen and "kept" in seen
+    assert counters["dropped_cancelled"] == 1 and counters["dropped_expired"] == 1
+
+
+def test_full_queue_rejects_at_once():
+    gate = threading.Event()
+
+    async def body(b):
+        futures = [b.submit(f"t{i}") for i in range(4)]
+        with pytest.raises(QueueFull, match="4 texts waiting"):
+            b.submit("one too many")
+        gate.set()
+        await asyncio.gather(*futures)
+
+    run(with_batcher(RecordingModel(gate=gate), BatcherConfig(max_batch=2, max_queue=4, max_wait_s=0.01), body))
+
+
+def test_config_names_the_bad_value():
+    with pytest.raises(ValueError, match="max_batch must be >= 1, got 0"):
+        BatcherConfig(max_batch=0)

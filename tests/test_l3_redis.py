@@ -1,0 +1,234 @@
+"""L3 on a real redis-server: TTLs, and what a dead, frozen or restarted Redis
+costs (the promise: a few ms per request at most once the breaker is open)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+import redis
+
+from cache import BreakerState, CircuitBreaker, Entry, RedisConfig, RedisTier
+from tests.support.redis_server import RedisServer, redis_server  # noqa: F401
+
+# Per call once the breaker is open. The real cost is microseconds; the bound
+# is loose for a noisy 2-core machine, and still far below any RPC deadline.
+OPEN_CALL_BOUND_S = 0.05
+
+
+def keys(n: int) -> list[bytes]:
+    return [os.urandom(16) for _ in range(n)]
+
+
+def sync_client(server: RedisServer) -> redis.Redis:
+    return redis.Redis.from_url(server.url, socket_timeout=5)
+
+
+async def timed(coro) -> tuple[object, float]:
+    start = time.perf_counter()
+    result = await coro
+    return result, time.perf_counter() - start
+
+
+async def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await predicate():
+            return True
+        await asyncio.sleep(interval)
+    return False
+
+
+# -- config and breaker -----------------------------------------------------------
+
+
+def test_config_validates_with_the_bad_value_in_the_message():
+    with pytest.raises(ValueError, match="got 'localhost:6379'"):
+        RedisConfig("localhost:6379")
+    with pytest.raises(ValueError, match="got 0"):
+        RedisConfig("redis://x", ttl_s=0)
+    with pytest.raises(ValueError, match="got -1"):
+        RedisConfig("redis://x", timeout_s=-1)
+    with pytest.raises(ValueError, match="got 'tg:'"):
+        RedisConfig("redis://x", key_prefix="tg:")  # type: ignore[arg-type]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_breaker_opens_after_consecutive_failures_and_probes_once():
+    clock = FakeClock()
+    b = CircuitBreaker(failure_threshold=3, cooldown_s=2.0, clock=clock)
+    assert b.state is BreakerState.CLOSED
+    b.record_failure()
+    b.record_failure()
+    b.record_success()  # not consecutive any more
+    b.record_failure()
+    b.record_failure()
+    assert b.allow() and b.state is BreakerState.CLOSED
+    b.record_failure()
+    assert b.state is BreakerState.OPEN
+    assert not b.allow()
+    clock.now += 1.9
+    assert not b.allow()
+    clock.now += 0.2
+    assert b.allow()  # the one probe
+    assert b.state is BreakerState.HALF_OPEN
+    assert not b.allow()  # nobody else while it is out
+    b.record_failure()  # the probe failed: open for another cooldown
+    assert b.state is BreakerState.OPEN and not b.allow()
+    clock.now += 2.0
+    assert b.allow()
+    b.record_success()
+    assert b.state is BreakerState.CLOSED and b.allow()
+
+
+def test_breaker_ignores_late_successes_and_recovers_from_a_lost_probe():
+    clock = FakeClock()
+    b = CircuitBreaker(failure_threshold=1, cooldown_s=1.0, clock=clock)
+    b.record_failure()
+    b.record_success()  # from a call that started before it opened
+    assert b.state is BreakerState.OPEN
+    clock.now += 1.0
+    assert b.allow()  # a probe goes out, and its caller is cancelled: no report
+    clock.now += 0.5
+    assert not b.allow()
+    clock.now += 0.5
+    assert b.allow()  # not stuck half-open forever
+
+
+def test_breaker_validates_settings():
+    with pytest.raises(ValueError, match="got 0"):
+        CircuitBreaker(failure_threshold=0)
+    with pytest.raises(ValueError, match="got -1"):
+        CircuitBreaker(cooldown_s=-1)
+
+
+# -- against a real Redis ------------------------------------------------------
+
+
+def test_entries_carry_the_ttl(redis_server):
+    async def main():
+        tier = RedisTier(RedisConfig(redis_server.url, ttl_s=300, timeout_s=2.0, key_prefix=b"t:"))
+        try:
+            ks = keys(3)
+            await tier.put_many([(k, Entry("positive", 0.5)) for k in ks])
+            assert tier.counters["writes"] == 3
+            return ks
+        finally:
+            await tier.close()
+
+    ks = asyncio.run(main())
+    client = sync_client(redis_server)
+    try:
+        for k in ks:
+            assert 290 <= client.ttl(b"t:" + k) <= 300
+        assert client.dbsize() == 3  # the prefix is used, nothing else is written
+    finally:
+        client.close()
+
+
+def test_values_it_cannot_decode_are_misses(redis_server):
+    (k,) = keys(1)
+    client = sync_client(redis_server)
+    try:
+        client.set(b"tg:" + k, b"\x00")
+    finally:
+        client.close()
+
+    async def main():
+        tier = RedisTier(RedisConfig(redis_server.url, timeout_s=2.0))
+        try:
+            assert await tier.get_many([k]) == [None]
+            assert tier.counters["bad_values"] == 1
+            assert tier.breaker.state is BreakerState.CLOSED  # not a Redis failure
+        finally:
+            await tier.close()
+
+    asyncio.run(main())
+
+
+def test_killed_redis_costs_next_to_nothing(redis_server):
+    async def main():
+        tier = RedisTier(RedisConfig(redis_server.url, timeout_s=0.2, breaker_threshold=3, breaker_cooldown_s=30))
+        try:
+            ks = keys(4)
+            await tier.put_many([(k, Entry("x", 0.5)) for k in ks])
+            assert await tier.get_many(ks) == [Entry("x", 0.5)] * 4
+            redis_server.kill()
+            # Refused connections fail fast even before the breaker opens.
+            for _ in range(3):
+                got, took = await timed(tier.get_many(ks))
+                assert got == [None] * 4
+                assert took < 0.2 + 0.1
+            assert tier.breaker.state is BreakerState.OPEN
+            worst = 0.0
+            for _ in range(50):
+                got, took = await timed(tier.get_many(ks))
+                assert got == [None] * 4
+                worst = max(worst, took)
+                _, took = await timed(tier.put_many([(ks[0], Entry("y", 1.0))]))
+                worst = max(worst, took)
+            assert worst < OPEN_CALL_BOUND_S, worst
+            assert tier.counters["skipped_open"] == 100
+            assert tier.counters["errors"] == 3
+        finally:
+            await tier.close()
+
+    asyncio.run(main())
+
+
+def test_frozen_redis_costs_one_timeout_per_call_until_the_breaker_opens(redis_server):
+    async def main():
+        timeout = 0.1
+        tier = RedisTier(RedisConfig(redis_server.url, timeout_s=timeout, breaker_threshold=3, breaker_cooldown_s=30))
+        try:
+            ks = keys(2)
+            await tier.put_many([(k, Entry("x", 0.5)) for k in ks])
+            redis_server.pause()  # connections stay open; nothing answers
+            for _ in range(3):
+                got, took = await timed(tier.get_many(ks))
+                assert got == [None, None]
+                assert took < timeout + 0.25  # bounded by timeout_s, not by redis-py's retries
+            assert tier.breaker.state is BreakerState.OPEN
+            worst = 0.0
+            for _ in range(20):
+                _, took = await timed(tier.get_many(ks))
+                worst = max(worst, took)
+            assert worst < OPEN_CALL_BOUND_S, worst
+        finally:
+            redis_server.resume()
+            await tier.close()
+
+    asyncio.run(main())
+
+
+def test_restarted_redis_works_again_after_the_cooldown(redis_server):
+    async def main():
+        tier = RedisTier(RedisConfig(redis_server.url, timeout_s=0.2, breaker_threshold=2, breaker_cooldown_s=0.2))
+        try:
+            ks = keys(2)
+            await tier.put_many([(k, Entry("x", 0.5)) for k in ks])
+            redis_server.kill()
+            for _ in range(2):
+                await tier.get_many(ks)
+            assert tier.breaker.state is BreakerState.OPEN
+            redis_server.start()  # same port, empty
+
+            async def works() -> bool:
+                await tier.put_many([(ks[0], Entry("back", 0.25))])
+                return await tier.get_many(ks[:1]) == [Entry("back", 0.25)]
+
+            assert await wait_until(works, timeout=10.0), tier.counters
+            assert tier.breaker.state is BreakerState.CLOSED
+        finally:
+            await tier.close()
+
+    asyncio.run(main())
