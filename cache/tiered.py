@@ -236,6 +236,15 @@ class TieredCache:
                 self._refresh_due = time.monotonic() + self._refresh_s
                 self.refresh_filter()
             ask = [i for i in todo if kf.might_contain(keys[i])]
+            if len(ask) < len(todo) and self._refresh_s is not None:
+                # A "no" is trusted only after catching up with what the other
+                # processes of this host wrote to L2 since the last refresh (a
+                # read of the age index's recent tail, a cursor seek when there
+                # is nothing new); otherwise a text another worker just scored
+                # would be scored again.
+                while self.refresh_filter() >= self._refresh_max:
+                    pass
+                ask = [i for i in todo if kf.might_contain(keys[i])]
             self.counters["filter_skips_l2"] += len(todo) - len(ask)
         else:
             ask = todo

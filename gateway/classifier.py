@@ -71,8 +71,10 @@ class Classifier:
             keyer = self._keyer = Keyer(model.fingerprint)
         return keyer
 
-    def key_for(self, normalized: str) -> bytes:
-        return self._current_keyer().key(normalized)
+    def held_in_l1(self, normalized: str) -> bool:
+        """Whether L1 holds this text's answer for the current model (without touching its recency)."""
+        model = self.inference.model
+        return model is not None and self._current_keyer().key(normalized) in self.cache.l1
 
     async def classify(self, normalized_texts: list[str], timeout: float | None) -> list[Answer]:
         """Answers for normalized texts, in order, each from the nearest tier that holds it."""

@@ -44,6 +44,12 @@ def _add_gateway_flags(p: argparse.ArgumentParser, *, port_default: int = 50051)
                    help="calls in progress at once; more: RESOURCE_EXHAUSTED at once (default: no limit)")
 
 
+def _add_workers_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="gateway worker processes sharing the port (SO_REUSEPORT) and L2 (default: one per core, "
+                   "at most 8)")
+
+
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="PATH_OR_ID", help="checkpoint directory or hub id (default: the built-in "
@@ -84,10 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Runs the inference service (a child process) and the gateway. Prints one line "
                        "with the address when ready; SIGINT/SIGTERM stop every process it started.")
     _add_gateway_flags(p)
+    _add_workers_flag(p)
     _add_model_flags(p)
 
     p = sub.add_parser("gateway", help="run the gateway alone, against running inference service(s)")
     _add_gateway_flags(p)
+    _add_workers_flag(p)
     p.add_argument("--inference", default="127.0.0.1:50052", metavar="HOST:PORT",
                    help="the inference service (default: %(default)s)")
 
@@ -114,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = msub.add_parser("build", help="build the default sentiment model offline and print its held-out accuracy")
     b.add_argument("--output", metavar="DIR", help="where to store it (default: <cache dir>/models/<name>)")
     b.add_argument("--force", action="store_true", help="rebuild even if it exists")
+
+
     return parser
 
 
@@ -189,8 +199,16 @@ async def run_inference(args) -> None:
 
 async def run_gateway(args, inference_target: str, label: str = "gateway") -> None:
     from gateway.server import GatewayServer
+    from gateway.workers import default_workers, run_workers
 
     config = gateway_config(args, inference_target)
+    workers = args.workers or default_workers()
+    if workers > 1:
+        def ready(address: str) -> None:
+            print(f"tiergate {label} listening on {address} ({workers} workers; {_tiers_summary(config)})", flush=True)
+
+        await run_workers(config, workers, _until_signalled, ready, args.log_level.upper())
+        return
     server = GatewayServer(config)
     try:
         await server.start()

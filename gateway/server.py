@@ -13,7 +13,9 @@ from grpc_reflection.v1alpha import reflection
 
 from cache import KeyFilter, LmdbConfig, LmdbTier, MemoryTier, RedisConfig, RedisTier, TieredCache
 from gateway.classifier import Classifier, Limits
+from gateway.memo import ResponseMemo
 from gateway.servicer import ADMIN_SERVICE, CLASSIFIER_SERVICE, ClassifierHandlers
+from gateway.stats_board import PUBLISH_INTERVAL_S, StatsBoard
 from inference.client import InferenceClient
 
 __all__ = ["GatewayConfig", "GatewayServer"]
@@ -33,6 +35,7 @@ class GatewayConfig:
     limits: Limits = field(default_factory=Limits)
     max_concurrent_rpcs: int | None = None  # beyond it: RESOURCE_EXHAUSTED at once
     connect_timeout_s: float = 60.0         # how long start() waits for the inference service
+    stats_dir: str | None = None            # shared by the workers of one gateway (gateway.stats_board)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -58,6 +61,8 @@ class GatewayServer:
         self.handlers: ClassifierHandlers | None = None
         self._server: grpc.aio.Server | None = None
         self._health: HealthServicer | None = None
+        self._board = StatsBoard(config.stats_dir)
+        self._publisher: asyncio.Task | None = None
 
     @property
     def address(self) -> str:
@@ -75,7 +80,7 @@ class GatewayServer:
         self.inference = InferenceClient(cfg.inference_target)
         self.inference.start()
         core = Classifier(self.cache, self.inference, cfg.limits)
-        self.handlers = ClassifierHandlers(core, self.counters)
+        self.handlers = ClassifierHandlers(core, ResponseMemo(cfg.l1_max_entries), self.stats)
 
         limit = cfg.message_limit()
         server = grpc.aio.server(
@@ -107,24 +112,42 @@ class GatewayServer:
                 ) from None
         # SERVING from here on: with the inference service gone later, cached texts are still served.
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if cfg.stats_dir:
+            self._publisher = asyncio.get_running_loop().create_task(self._publish_counters())
 
     async def _set_health(self, status) -> None:
         for name in ("", CLASSIFIER_SERVICE):
             await self._health.set(name, status)
 
     def counters(self) -> dict[str, int]:
+        """This process's counters."""
         counters: dict[str, int] = {}
         counters.update(self.cache.counters)
         counters.update(self.handlers.counters)
+        memo_hits = self.handlers.memo.hits
+        counters["memo_hits"] = memo_hits
+        counters["hits_l1"] = counters.get("hits_l1", 0) + memo_hits  # the memo is part of L1
         for tier in (self.cache.l2, self.cache.l3):
             if tier is not None:
                 counters.update({f"{tier.name}_{k}": v for k, v in tier.counters.items()})
         return counters
 
+    def stats(self) -> tuple[dict[str, int], int]:
+        """(counters summed over every worker of this gateway, number of workers)."""
+        return self._board.total(self.counters())
+
+    async def _publish_counters(self) -> None:
+        while True:
+            self._board.publish(self.counters())
+            await asyncio.sleep(PUBLISH_INTERVAL_S)
+
     async def wait(self) -> None:
         await self._server.wait_for_termination()
 
     async def stop(self, grace: float = 2.0) -> None:
+        if self._publisher is not None:
+            self._publisher.cancel()
+            self._board.withdraw()
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
             await self._server.stop(grace)

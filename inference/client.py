@@ -155,7 +155,8 @@ class InferenceClient:
                 model = RemoteModel(info.model_id, tuple(info.labels), info.fingerprint, info.device, info.dtype)
                 if self.model is not None and self.model.fingerprint != model.fingerprint:
                     log.warning("inference model changed: %s -> %s", self.model.display, model.display)
-                self.model = model
+                if model != self.model:  # keep the same object otherwise: callers compare by identity
+                    self.model = model
                 stream = self._stub.Score()
                 sender = asyncio.create_task(self._send(stream))
                 self._stream = stream

@@ -45,8 +45,10 @@ class Processes:
         return self.start("inference", "--model", str(model), "--port", "0", *extra)
 
     def gateway(self, inference: TiergateProcess, lmdb: pathlib.Path | None, redis_url: str | None = None,
-                *extra: str) -> TiergateProcess:
-        args = ["gateway", "--port", "0", "--inference", inference.address]
+                *extra: str, workers: int = 1) -> TiergateProcess:
+        # One worker unless a test asks for more: L1 is per worker process, and
+        # tests that expect an L1 hit on a new connection need the same process.
+        args = ["gateway", "--port", "0", "--workers", str(workers), "--inference", inference.address]
         args += ["--lmdb-path", str(lmdb)] if lmdb is not None else ["--no-l2"]
         if redis_url:
             args += ["--redis-url", redis_url]

@@ -38,7 +38,8 @@ def alive(pid: int) -> bool:
 
 
 def test_serve_runs_the_stack_and_sigterm_stops_every_process(procs, connect, tmp_path, tiny_model):
-    serve = procs.start("serve", "--port", "0", "--model", str(tiny_model), "--lmdb-path", str(tmp_path / "l2"))
+    serve = procs.start("serve", "--port", "0", "--workers", "1", "--model", str(tiny_model),
+                        "--lmdb-path", str(tmp_path / "l2"))
     assert "L3 off" in serve.ready_line
     wait_serving(serve.address)
     client = connect(serve)

@@ -1,0 +1,50 @@
+"""Several gateway workers on one port: they share L2 and their counters add up."""
+
+from __future__ import annotations
+
+import pathlib
+
+import grpc
+
+from protos import classifier_pb2, classifier_pb2_grpc
+from tests.helpers import eventually, inference_counters
+from tests.test_cli import alive, children_of
+
+L1, L2, MODEL = classifier_pb2.TIER_L1, classifier_pb2.TIER_L2, classifier_pb2.TIER_MODEL
+
+
+def classify_on_new_connection(address: str, text: str) -> classifier_pb2.ClassifyResponse:
+    # A new channel is a new TCP connection, which SO_REUSEPORT may give to another worker.
+    with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        return classifier_pb2_grpc.ClassifierStub(channel).Classify(classifier_pb2.ClassifyRequest(text=text), timeout=10)
+
+
+def test_two_workers_share_the_port_l2_and_counters(procs, connect, tmp_path, tiny_model):
+    inference = procs.inference(tiny_model)
+    gateway = procs.gateway(inference, tmp_path / "l2", None, workers=2)
+    assert "2 workers" in gateway.ready_line
+    workers = [pid for pid in children_of(gateway.proc.pid) if b"spawn_main" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(workers) == 2
+
+    client = connect(gateway)
+    first = classify_on_new_connection(gateway.address, "scored once, shared by every worker")
+    assert first.tier == MODEL
+    # L2 writes are write-behind: wait until it landed before asking the other worker.
+    eventually(lambda: client.stats().counters["l2_writes"] >= 1, timeout_s=10)
+    tiers = [classify_on_new_connection(gateway.address, "scored once, shared by every worker").tier for _ in range(16)]
+    # Whichever worker a connection reached, the answer came from its L1 or the shared L2, never the model again.
+    assert set(tiers) <= {L1, L2}
+    assert L2 in tiers, "16 new connections all reached the first worker"
+    assert inference_counters(inference.address)["texts_scored"] == 1
+
+    def summed() -> classifier_pb2.GatewayStats:
+        stats = client.stats()
+        counted = stats.counters["hits_l1"] + stats.counters["hits_l2"]
+        return stats if stats.workers == 2 and counted == 16 else None
+
+    stats = eventually(summed, timeout_s=10)
+    assert stats.counters["model_texts"] == 1
+
+    assert gateway.stop() == 0
+    for pid in workers:
+        eventually(lambda: not alive(pid), timeout_s=15)
