@@ -7,8 +7,9 @@ import logging
 from dataclasses import dataclass
 
 from cache import Answer, Entry, Keyer, Scored, TieredCache, normalize_text
-from gateway.errors import InvalidInput
-from inference.client import InferenceClient, InferenceUnavailable
+from gateway.errors import InvalidInput, Overloaded
+from inference.client import InferenceUnavailable
+from inference.replicas import ReplicaSet
 
 __all__ = ["Limits", "Classifier"]
 
@@ -20,6 +21,7 @@ class Limits:
     max_text_bytes: int = 8192     # UTF-8 bytes of one text
     max_batch: int = 1000          # texts in one ClassifyBatch call
     default_timeout_s: float = 30.0  # for a miss when the caller sets no deadline
+    max_pending_misses: int = 4096   # texts of this process waiting for the model; more: RESOURCE_EXHAUSTED
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_text_bytes <= 1 << 20:
@@ -28,10 +30,12 @@ class Limits:
             raise ValueError(f"max_batch must be in 1..100000, got {self.max_batch}")
         if self.default_timeout_s <= 0:
             raise ValueError(f"default_timeout_s must be > 0, got {self.default_timeout_s}")
+        if self.max_pending_misses < 1:
+            raise ValueError(f"max_pending_misses must be >= 1, got {self.max_pending_misses}")
 
 
 class Classifier:
-    def __init__(self, cache: TieredCache, inference: InferenceClient, limits: Limits = Limits()) -> None:
+    def __init__(self, cache: TieredCache, inference: ReplicaSet, limits: Limits = Limits()) -> None:
         self.cache = cache
         self.inference = inference
         self.limits = limits
@@ -83,6 +87,12 @@ class Classifier:
         timeout = timeout if timeout is not None else self.limits.default_timeout_s
 
         async def score(texts: list[str]) -> Scored:
+            pending = self.inference.in_flight
+            if pending + len(texts) > self.limits.max_pending_misses:
+                raise Overloaded(
+                    f"the gateway already has {pending} texts waiting for the model (limit "
+                    f"{self.limits.max_pending_misses}, --max-pending-misses); retry with backoff"
+                )
             results, scored_by = await self.inference.score(texts, timeout)
             entries = [Entry(r[0], r[1]) if isinstance(r, tuple) else r for r in results]
             # A model swapped while these were in flight scored them: answer, but

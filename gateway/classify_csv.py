@@ -100,7 +100,7 @@ async def run_classify(args) -> None:
         if target is None:
             child = InferenceProcess(_model_args(args))
             await child.start()
-            server = GatewayServer(gateway_config(args, child.address))
+            server = GatewayServer(gateway_config(args, [child.address]))
             await server.start()
             target = server.address
         try:

@@ -42,6 +42,9 @@ def _add_gateway_flags(p: argparse.ArgumentParser, *, port_default: int = 50051)
                    help="most texts in one ClassifyBatch; more: INVALID_ARGUMENT (default: %(default)s)")
     g.add_argument("--max-concurrent-rpcs", type=_positive_int, default=None,
                    help="calls in progress at once; more: RESOURCE_EXHAUSTED at once (default: no limit)")
+    g.add_argument("--max-pending-misses", type=_positive_int, default=4096,
+                   help="texts one gateway process has waiting for the model; more: RESOURCE_EXHAUSTED at once "
+                   "(default: %(default)s)")
 
 
 def _add_workers_flag(p: argparse.ArgumentParser) -> None:
@@ -64,13 +67,16 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="how long a batch waits for more texts after its first (default: %(default)s)")
     g.add_argument("--max-queue", type=_positive_int, default=2048,
                    help="texts waiting for the model; more: RESOURCE_EXHAUSTED (default: %(default)s)")
+    g.add_argument("--max-queue-wait-ms", type=_positive_int, default=2000,
+                   help="or when the queue holds this much model time at the measured speed: RESOURCE_EXHAUSTED "
+                   "(default: %(default)s)")
 
 
 def _model_args(args) -> list[str]:
     """The model flags of `serve`/`classify`, passed on to the inference child."""
     out = ["--device", args.device, "--max-batch-texts", str(args.max_batch_texts),
            "--max-batch-tokens", str(args.max_batch_tokens), "--max-wait-ms", str(args.max_wait_ms),
-           "--max-queue", str(args.max_queue)]
+           "--max-queue", str(args.max_queue), "--max-queue-wait-ms", str(args.max_queue_wait_ms)]
     if args.model:
         out += ["--model", args.model]
     if args.quantize:
@@ -96,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gateway", help="run the gateway alone, against running inference service(s)")
     _add_gateway_flags(p)
     _add_workers_flag(p)
-    p.add_argument("--inference", default="127.0.0.1:50052", metavar="HOST:PORT",
-                   help="the inference service (default: %(default)s)")
+    p.add_argument("--inference", default="127.0.0.1:50052", metavar="HOST:PORT[,HOST:PORT...]",
+                   help="the inference service, or several replicas separated by commas: misses go to the least "
+                   "loaded one that is up (default: %(default)s)")
 
     p = sub.add_parser("inference", help="run the inference service alone")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
@@ -123,11 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output", metavar="DIR", help="where to store it (default: <cache dir>/models/<name>)")
     b.add_argument("--force", action="store_true", help="rebuild even if it exists")
 
-
     return parser
 
 
-def gateway_config(args, inference_target: str):
+def gateway_config(args, inference_targets: list[str]):
     from cache import LmdbConfig, RedisConfig
     from gateway.classifier import Limits
     from gateway.server import GatewayConfig
@@ -139,9 +145,10 @@ def gateway_config(args, inference_target: str):
         lmdb = LmdbConfig(path=path, max_bytes=args.l2_max_mb * MIB, ttl_s=args.l2_ttl_s)
     redis = RedisConfig(url=args.redis_url, ttl_s=args.l3_ttl_s) if args.redis_url else None
     return GatewayConfig(
-        inference_target=inference_target, host=args.host, port=args.port, l1_max_entries=args.l1_entries,
+        inference_targets=tuple(inference_targets), host=args.host, port=args.port, l1_max_entries=args.l1_entries,
         lmdb=lmdb, redis=redis, max_concurrent_rpcs=args.max_concurrent_rpcs,
-        limits=Limits(max_text_bytes=args.max_text_bytes, max_batch=args.max_batch),
+        limits=Limits(max_text_bytes=args.max_text_bytes, max_batch=args.max_batch,
+                      max_pending_misses=args.max_pending_misses),
     )
 
 
@@ -180,7 +187,8 @@ async def run_inference(args) -> None:
     config = InferenceConfig(
         model=ModelConfig(source=model, device=args.device, quantize=args.quantize, threads=args.threads),
         batcher=BatcherConfig(max_batch=args.max_batch_texts, max_tokens=args.max_batch_tokens,
-                              max_wait_s=args.max_wait_ms / 1000, max_queue=args.max_queue),
+                              max_wait_s=args.max_wait_ms / 1000, max_queue=args.max_queue,
+                              max_queue_wait_s=args.max_queue_wait_ms / 1000),
         host=args.host, port=args.port,
     )
     server = InferenceServer(config)
@@ -197,11 +205,11 @@ async def run_inference(args) -> None:
         await server.stop()
 
 
-async def run_gateway(args, inference_target: str, label: str = "gateway") -> None:
+async def run_gateway(args, inference_targets: list[str], label: str = "gateway") -> None:
     from gateway.server import GatewayServer
     from gateway.workers import default_workers, run_workers
 
-    config = gateway_config(args, inference_target)
+    config = gateway_config(args, inference_targets)
     workers = args.workers or default_workers()
     if workers > 1:
         def ready(address: str) -> None:
@@ -225,7 +233,7 @@ async def run_serve(args) -> None:
     child = InferenceProcess(_model_args(args))
     await child.start()
     try:
-        await run_gateway(args, child.address, label="serve")
+        await run_gateway(args, [child.address], label="serve")
     finally:
         await child.stop()
 
@@ -238,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "serve":
             asyncio.run(run_serve(args))
         elif args.command == "gateway":
-            asyncio.run(run_gateway(args, args.inference))
+            asyncio.run(run_gateway(args, [t.strip() for t in args.inference.split(",") if t.strip()]))
         elif args.command == "inference":
             asyncio.run(run_inference(args))
         elif args.command == "classify":

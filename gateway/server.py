@@ -16,7 +16,7 @@ from gateway.classifier import Classifier, Limits
 from gateway.memo import ResponseMemo
 from gateway.servicer import ADMIN_SERVICE, CLASSIFIER_SERVICE, ClassifierHandlers
 from gateway.stats_board import PUBLISH_INTERVAL_S, StatsBoard
-from inference.client import InferenceClient
+from inference.replicas import ReplicaSet
 
 __all__ = ["GatewayConfig", "GatewayServer"]
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    inference_target: str = "127.0.0.1:50052"
+    inference_targets: tuple[str, ...] = ("127.0.0.1:50052",)  # misses go to the least loaded
     host: str = "127.0.0.1"
     port: int = 50051                       # 0: any free port
     l1_max_entries: int = 100_000
@@ -44,8 +44,12 @@ class GatewayConfig:
             raise ValueError(f"l1_max_entries must be >= 1, got {self.l1_max_entries}")
         if self.filter_capacity < 1000:
             raise ValueError(f"filter_capacity must be >= 1000, got {self.filter_capacity}")
-        if not self.inference_target or ":" not in self.inference_target:
-            raise ValueError(f"inference target must be host:port, got {self.inference_target!r}")
+        if not self.inference_targets:
+            raise ValueError("at least one inference service address (host:port) is required")
+        for target in self.inference_targets:
+            host, _, port = target.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"inference address must be host:port, got {target!r}")
 
     def message_limit(self) -> int:
         # A full batch of maximal texts plus protobuf framing must fit in one message.
@@ -57,7 +61,7 @@ class GatewayServer:
         self.config = config
         self.port: int | None = None
         self.cache: TieredCache | None = None
-        self.inference: InferenceClient | None = None
+        self.inference: ReplicaSet | None = None
         self.handlers: ClassifierHandlers | None = None
         self._server: grpc.aio.Server | None = None
         self._health: HealthServicer | None = None
@@ -77,7 +81,7 @@ class GatewayServer:
         if key_filter is not None:
             warmed = self.cache.warm_filter()
             log.info("L2 filter warmed with %d keys", warmed)
-        self.inference = InferenceClient(cfg.inference_target)
+        self.inference = ReplicaSet(list(cfg.inference_targets))
         self.inference.start()
         core = Classifier(self.cache, self.inference, cfg.limits)
         self.handlers = ClassifierHandlers(core, ResponseMemo(cfg.l1_max_entries), self.stats)
@@ -108,7 +112,8 @@ class GatewayServer:
                 await self.inference.wait_connected(cfg.connect_timeout_s)
             except TimeoutError:
                 raise RuntimeError(
-                    f"the inference service at {cfg.inference_target} did not answer within {cfg.connect_timeout_s:.0f} s"
+                    f"no inference service at {','.join(cfg.inference_targets)} answered within "
+                    f"{cfg.connect_timeout_s:.0f} s"
                 ) from None
         # SERVING from here on: with the inference service gone later, cached texts are still served.
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)

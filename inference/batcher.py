@@ -1,10 +1,16 @@
 """Dynamic batching: many callers' texts become few model calls.
 
-A batch closes `max_wait_s` after its first item arrived, or as soon as
-`max_batch` items wait. Waiting texts are grouped by length so that short
-texts are not padded to the length of a long one, and a token budget bounds
-the padded size of a batch. The model runs in one worker thread, off the event
-loop; torch uses its own threads inside that call.
+A batch closes `max_wait_s` after its first item arrived (later while the
+model is still busy with the previous batch, so it can grow meanwhile), or as
+soon as `max_batch` items wait. Waiting texts are grouped by length so that
+short texts are not padded to the length of a long one, and a token budget
+bounds the padded size of a batch. Preparing a batch (tokenizing) runs in one
+thread and the model in another, both off the event loop, so the next batch is
+tokenized while the model runs the current one.
+
+The queue is bounded twice: by length (max_queue) and by the wait it implies
+at the measured model speed (max_queue_wait_s), so an overloaded service says
+RESOURCE_EXHAUSTED at once instead of building a minute-long queue.
 """
 
 from __future__ import annotations
@@ -14,13 +20,14 @@ import concurrent.futures
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 __all__ = ["BatcherConfig", "DynamicBatcher", "QueueFull", "DeadlineExpired", "estimate_tokens"]
 
 log = logging.getLogger(__name__)
 
-ScoreBatch = Callable[[list[str]], list[tuple[str, float]]]
+ScoreBatch = Callable[[Any], list[tuple[str, float]]]
+PrepareBatch = Callable[[list[str]], Any]
 
 
 class QueueFull(Exception):
@@ -42,6 +49,7 @@ class BatcherConfig:
     max_tokens: int = 8192     # padded tokens per model call (batch size x longest text)
     max_wait_s: float = 0.005  # how long the first text of a batch waits for company
     max_queue: int = 2048      # texts waiting; beyond this submit() fails with QueueFull
+    max_queue_wait_s: float = 2.0  # or when the queue already holds this much model time
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -52,6 +60,8 @@ class BatcherConfig:
             raise ValueError(f"max_wait_s must be in 0..1 s, got {self.max_wait_s}")
         if self.max_queue < self.max_batch:
             raise ValueError(f"max_queue ({self.max_queue}) must be >= max_batch ({self.max_batch})")
+        if self.max_queue_wait_s <= 0:
+            raise ValueError(f"max_queue_wait_s must be > 0, got {self.max_queue_wait_s}")
 
 
 @dataclass(slots=True)
@@ -64,14 +74,22 @@ class _Waiting:
 
 
 class DynamicBatcher:
-    def __init__(self, score_batch: ScoreBatch, config: BatcherConfig = BatcherConfig()) -> None:
-        self._score_batch = score_batch
+    """`run_batch(prepared)` scores one batch; `prepare_batch(texts)`, if given,
+    turns texts into its input (e.g. tokenizes) in a thread of its own."""
+
+    def __init__(self, run_batch: ScoreBatch, config: BatcherConfig = BatcherConfig(),
+                 prepare_batch: PrepareBatch | None = None) -> None:
+        self._run_batch = run_batch
+        self._prepare_batch = prepare_batch
         self.config = config
         self._queue: list[_Waiting] = []
         self._wakeup = asyncio.Event()
         self._full = asyncio.Event()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
+        self._prepare_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self._task: asyncio.Task | None = None
+        self._forward: asyncio.Task | None = None
+        self._texts_per_s = 0.0  # measured model speed (EWMA); 0 until the first batch
         self.counters: Counter[str] = Counter()
 
     @property
@@ -82,17 +100,23 @@ class DynamicBatcher:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for task in (self._task, self._forward):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         for item in self._queue:
             if not item.future.done():
                 item.future.set_exception(asyncio.CancelledError("inference service shutting down"))
         self._queue.clear()
         self._executor.shutdown(wait=True)
+        self._prepare_executor.shutdown(wait=True)
+
+    def expected_wait_s(self) -> float:
+        """Model time the queue holds now, at the measured speed (0 before any batch ran)."""
+        return len(self._queue) / self._texts_per_s if self._texts_per_s else 0.0
 
     def submit(self, text: str, timeout: float | None = None) -> asyncio.Future:
         """Queues one text; the future resolves to (label, score)."""
@@ -100,6 +124,12 @@ class DynamicBatcher:
         if len(self._queue) >= self.config.max_queue:
             self.counters["rejected_full"] += 1
             raise QueueFull(f"inference queue is full ({self.config.max_queue} texts waiting)")
+        if self.expected_wait_s() > self.config.max_queue_wait_s:
+            self.counters["rejected_full"] += 1
+            raise QueueFull(
+                f"inference queue holds {self.expected_wait_s():.1f} s of model work "
+                f"(limit {self.config.max_queue_wait_s:g} s)"
+            )
         now = loop.time()
         future = loop.create_future()
         deadline = now + timeout if timeout else None
@@ -111,51 +141,94 @@ class DynamicBatcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        cfg = self.config
         while True:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            delay = self._queue[0].arrived + self.config.max_wait_s - loop.time()
-            if delay > 0 and len(self._queue) < self.config.max_batch:
+            if len(self._queue) < cfg.max_batch:
                 self._full.clear()
-                try:
-                    await asyncio.wait_for(self._full.wait(), delay)
-                except TimeoutError:
-                    pass
+                delay = self._queue[0].arrived + cfg.max_wait_s - loop.time()
+                if delay > 0:  # the first text waits a little for company
+                    try:
+                        await asyncio.wait_for(self._full.wait(), delay)
+                    except TimeoutError:
+                        pass
+                    continue
+                if self._forward is not None and not self._forward.done():
+                    # The model is busy anyway: let the batch grow until it is free.
+                    full = asyncio.ensure_future(self._full.wait())
+                    await asyncio.wait({full, self._forward}, return_when=asyncio.FIRST_COMPLETED)
+                    full.cancel()
+                    continue
             batch = self._take_batch(loop.time())
-            if batch:
-                await self._score(loop, batch)
+            if not batch:
+                continue
+            prepared = await self._prepare(loop, batch)
+            if prepared is None:
+                continue
+            if self._forward is not None and not self._forward.done():
+                await self._forward  # one batch in the model at a time; it never raises
+                # Texts may have expired or been cancelled while the model was busy.
+                live = [w for w in batch if not self._drop_if_dead(w, loop.time())]
+                if len(live) < len(batch):
+                    batch = live
+                    prepared = await self._prepare(loop, batch) if batch else None
+                    if prepared is None:
+                        continue
+            self._forward = loop.create_task(self._score(loop, batch, prepared))
 
-    async def _score(self, loop: asyncio.AbstractEventLoop, batch: list[_Waiting]) -> None:
+    async def _prepare(self, loop: asyncio.AbstractEventLoop, batch: list[_Waiting]):
+        texts = [w.text for w in batch]
+        if self._prepare_batch is None:
+            return texts
         try:
-            results = await loop.run_in_executor(self._executor, self._score_batch, [w.text for w in batch])
+            return await loop.run_in_executor(self._prepare_executor, self._prepare_batch, texts)
+        except Exception as exc:
+            self._fail(batch, exc, "preparing")
+            return None
+
+    def _fail(self, batch: list[_Waiting], exc: BaseException, stage: str) -> None:
+        # Fail every open future: no caller may hang.
+        log.error("%s a batch of %d texts failed: %r", stage, len(batch), exc)
+        self.counters["batch_errors"] += 1
+        for w in batch:
+            if not w.future.done():
+                w.future.set_exception(exc)
+
+    async def _score(self, loop: asyncio.AbstractEventLoop, batch: list[_Waiting], prepared) -> None:
+        started = loop.time()
+        try:
+            results = await loop.run_in_executor(self._executor, self._run_batch, prepared)
             if len(results) != len(batch):
                 raise RuntimeError(f"model returned {len(results)} results for {len(batch)} texts")
-        except Exception as exc:  # fail every open future: no caller may hang
-            log.exception("model call failed for a batch of %d texts", len(batch))
-            self.counters["batch_errors"] += 1
-            for w in batch:
-                if not w.future.done():
-                    w.future.set_exception(exc)
+        except Exception as exc:
+            self._fail(batch, exc, "scoring")
             return
+        took = max(loop.time() - started, 1e-6)
+        rate = len(batch) / took
+        self._texts_per_s = rate if not self._texts_per_s else 0.8 * self._texts_per_s + 0.2 * rate
         self.counters["batches"] += 1
         self.counters["texts_scored"] += len(batch)
         for w, result in zip(batch, results):
             if not w.future.done():
                 w.future.set_result(result)
 
+    def _drop_if_dead(self, w: _Waiting, now: float) -> bool:
+        """True (and counted) if nobody waits for this text any more or its deadline passed."""
+        if w.future.done():  # the caller went away
+            self.counters["dropped_cancelled"] += 1
+            return True
+        if w.deadline is not None and w.deadline <= now:
+            self.counters["dropped_expired"] += 1
+            w.future.set_exception(DeadlineExpired("deadline passed before the text reached the model"))
+            return True
+        return False
+
     def _take_batch(self, now: float) -> list[_Waiting]:
         """Removes and returns the next batch: the oldest text plus its nearest neighbours in length."""
-        live: list[_Waiting] = []
-        for w in self._queue:
-            if w.future.done():  # the caller went away
-                self.counters["dropped_cancelled"] += 1
-            elif w.deadline is not None and w.deadline <= now:
-                self.counters["dropped_expired"] += 1
-                w.future.set_exception(DeadlineExpired("deadline passed before the text reached the model"))
-            else:
-                live.append(w)
+        live = [w for w in self._queue if not self._drop_if_dead(w, now)]
         if not live:
             self._queue = []
             return []

@@ -55,8 +55,9 @@ class RemoteModel:
 
 
 class InferenceClient:
-    def __init__(self, target: str, *, describe_timeout_s: float = 2.0) -> None:
+    def __init__(self, target: str, *, describe_timeout_s: float = 2.0, on_change=None) -> None:
         self.target = target
+        self._on_change = on_change  # called after connecting, disconnecting or a model change
         self._describe_timeout_s = describe_timeout_s
         self._channel = grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS)
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
@@ -69,6 +70,7 @@ class InferenceClient:
         self._stream = None
         self._task: asyncio.Task | None = None
         self._closed = False
+        self._remote_depth = 0
         self.model: RemoteModel | None = None
 
     @property
@@ -77,8 +79,15 @@ class InferenceClient:
 
     @property
     def in_flight(self) -> int:
-        """Texts sent and not yet answered: this replica's share of the queue."""
+        """Texts this client sent and has not had answered yet."""
         return len(self._pending)
+
+    @property
+    def load(self) -> int:
+        """How busy the service is, as far as this client can tell: its own
+        unanswered texts, or the queue depth the service last reported (which
+        counts every gateway's texts), whichever is larger."""
+        return max(len(self._pending), self._remote_depth)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._maintain(), name=f"inference-{self.target}")
@@ -161,6 +170,7 @@ class InferenceClient:
                 sender = asyncio.create_task(self._send(stream))
                 self._stream = stream
                 self._connected.set()
+                self._changed()
                 log.info("connected to inference service %s (%s)", self.target, model.display)
                 backoff = 0.05
                 async for response in stream:
@@ -170,15 +180,24 @@ class InferenceClient:
                 if self._stream is not None:
                     log.warning("inference stream to %s broke: %s", self.target, exc.code().name)
             finally:
+                was_connected = self._stream is not None
                 self._stream = None
+                self._remote_depth = 0
                 self._connected.clear()
+                if was_connected:
+                    self._changed()
                 if sender is not None:
                     sender.cancel()
                 self._fail_pending()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
+
     def _deliver(self, response: inference_pb2.ScoreResponse) -> None:
+        self._remote_depth = response.queue_depth
         for result in response.results:
             future = self._pending.pop(result.id, None)
             if future is None or future.done():

@@ -118,7 +118,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     elif item is not None:
                         results.append(item)
                 if results:
-                    yield inference_pb2.ScoreResponse(results=results, fingerprint=self._info.fingerprint)
+                    yield inference_pb2.ScoreResponse(
+                        results=results, fingerprint=self._info.fingerprint, queue_depth=self._batcher.depth
+                    )
         finally:
             reader.cancel()
             for future in list(pending.values()):
@@ -140,7 +142,7 @@ class InferenceServer:
         loop = asyncio.get_running_loop()
         # Loading takes seconds: keep the loop free (and signals handled) meanwhile.
         await loop.run_in_executor(None, self.model.load)
-        self._batcher = DynamicBatcher(self.model.score, self.config.batcher)
+        self._batcher = DynamicBatcher(self.model.forward, self.config.batcher, prepare_batch=self.model.tokenize)
         self._batcher.start()
         server = grpc.aio.server(options=SERVER_OPTIONS)
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.model, self._batcher), server)

@@ -39,12 +39,14 @@ class ScoreResult(_message.Message):
     def __init__(self, id: _Optional[int] = ..., label: _Optional[str] = ..., score: _Optional[float] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("results", "fingerprint")
+    __slots__ = ("results", "fingerprint", "queue_depth")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[ScoreResult]
     fingerprint: str
-    def __init__(self, results: _Optional[_Iterable[_Union[ScoreResult, _Mapping]]] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+    queue_depth: int
+    def __init__(self, results: _Optional[_Iterable[_Union[ScoreResult, _Mapping]]] = ..., fingerprint: _Optional[str] = ..., queue_depth: _Optional[int] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ()

@@ -148,3 +148,56 @@ def test_full_queue_rejects_at_once():
 def test_config_names_the_bad_value():
     with pytest.raises(ValueError, match="max_batch must be >= 1, got 0"):
         BatcherConfig(max_batch=0)
+
+
+def test_next_batch_is_prepared_while_the_model_runs():
+    gate = threading.Event()
+    events: list[str] = []
+
+    def prepare(texts):
+        events.append(f"prepare {texts[0]}")
+        return texts
+
+    def run_batch(texts):
+        events.append(f"run {texts[0]}")
+        if texts[0] == "first":
+            gate.wait(5)
+        return [(t, 1.0) for t in texts]
+
+    async def body(b):
+        first = b.submit("first")
+        await asyncio.sleep(0.05)  # "first" is in the model, blocked
+        second = b.submit("second")
+        await asyncio.sleep(0.05)
+        snapshot = list(events)
+        gate.set()
+        await asyncio.gather(first, second)
+        return snapshot
+
+    async def with_prepare():
+        batcher = DynamicBatcher(run_batch, BatcherConfig(max_batch=1, max_wait_s=0.001, max_queue=8), prepare)
+        batcher.start()
+        try:
+            return await body(batcher)
+        finally:
+            await batcher.close()
+
+    snapshot = run(with_prepare())
+    assert snapshot == ["prepare first", "run first", "prepare second"]
+
+
+def test_queue_is_bounded_by_the_wait_it_implies():
+    def slow(texts):
+        threading.Event().wait(0.05 * len(texts))  # 20 texts/s
+        return [(t, 1.0) for t in texts]
+
+    async def body(b):
+        await b.submit("measure the speed")
+        admitted = []
+        with pytest.raises(QueueFull, match="s of model work"):
+            for i in range(100):
+                admitted.append(b.submit(f"t{i}"))
+        assert 5 <= len(admitted) <= 15  # about max_queue_wait_s (0.5 s) x 20 texts/s
+        await asyncio.gather(*admitted)
+
+    run(with_batcher(slow, BatcherConfig(max_batch=4, max_wait_s=0.001, max_queue=1000, max_queue_wait_s=0.5), body))
