@@ -41,10 +41,19 @@ class Scored:
 
 Scorer = Callable[[list[str]], Awaitable[Scored]]
 
+
+@dataclass(slots=True, eq=False)
+class _Lead:
+    """One leader task resolving `keys`, and how many callers wait on it."""
+
+    keys: list[bytes]
+    task: asyncio.Task | None = None
+    waiters: int = 0
+
 _COUNTERS = (
     "hits_l1", "hits_l2", "hits_l3", "misses", "model_calls", "model_texts", "model_errors",
     "singleflight_joined", "duplicates", "filter_skips_l2", "filter_refreshed",
-    "writes_l2", "writes_l3", "writes_dropped", "tier_errors",
+    "writes_l2", "writes_l3", "writes_dropped", "tier_errors", "abandoned",
 )  # fmt: skip
 
 
@@ -79,6 +88,7 @@ class TieredCache:
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self._inflight: dict[bytes, asyncio.Future[Answer]] = {}
         self._leaders: set[asyncio.Task[None]] = set()
+        self._lead_of: dict[bytes, _Lead] = {}
         self._l3_pending: list[tuple[bytes, Entry]] = []
         self._l3_writer: asyncio.Task[None] | None = None
         self._closed = False
@@ -177,19 +187,55 @@ class TieredCache:
             # The lookups and the scoring run in a task of their own, which
             # owns the futures: if this caller is cancelled, everyone else
             # waiting on these keys still gets their answer.
-            task = loop.create_task(self._lead(new_keys, new_texts, scorer))
-            self._leaders.add(task)
-            task.add_done_callback(self._leaders.discard)
+            lead = _Lead(new_keys)
+            lead.task = loop.create_task(self._lead(new_keys, new_texts, scorer))
+            for key in new_keys:
+                self._lead_of[key] = lead
+            self._leaders.add(lead.task)
+            lead.task.add_done_callback(lambda t, lead=lead: self._lead_done(lead))
         if waiting:
             futs = [fut for fut, _ in waiting.values()]
-            # shield: cancelling this caller must not cancel shared futures.
-            results = await asyncio.shield(asyncio.gather(*futs, return_exceptions=True))
+            leads = {self._lead_of[key] for key in waiting if key in self._lead_of}
+            for lead in leads:
+                lead.waiters += 1
+            try:
+                # shield: cancelling this caller must not cancel shared futures.
+                results = await asyncio.shield(asyncio.gather(*futs, return_exceptions=True))
+            except asyncio.CancelledError:
+                for lead in leads:
+                    lead.waiters -= 1
+                    if lead.waiters == 0:
+                        self._abandon(lead)
+                raise
+            for lead in leads:
+                lead.waiters -= 1
             for (_fut, positions), result in zip(waiting.values(), results):
                 if isinstance(result, BaseException):
                     raise result
                 for i in positions:
                     answers[i] = result
         return answers  # type: ignore[return-value]  # every slot is filled by now
+
+    def _lead_done(self, lead: _Lead) -> None:
+        self._leaders.discard(lead.task)
+        for key in lead.keys:
+            if self._lead_of.get(key) is lead:
+                del self._lead_of[key]
+
+    def _abandon(self, lead: _Lead) -> None:
+        """Nobody waits for this lead any more: stop it, so texts nobody wants
+        are not scored (the scorer's cancellation reaches the model's queue)."""
+        if lead.task is None or lead.task.done():
+            return
+        self.counters["abandoned"] += len(lead.keys)
+        for key in lead.keys:
+            # A caller arriving from now on starts a fresh lookup.
+            fut = self._inflight.get(key)
+            if fut is not None and not fut.done():
+                del self._inflight[key]
+            if self._lead_of.get(key) is lead:
+                del self._lead_of[key]
+        lead.task.cancel()
 
     async def _lead(self, keys: list[bytes], texts: list[str], scorer: Scorer) -> None:
         """Resolve keys nobody else is resolving: L2, L3, then the model."""
@@ -203,7 +249,7 @@ class TieredCache:
             if todo:
                 await self._from_model(keys, futs, texts, todo, scorer)
         except asyncio.CancelledError:
-            # Only close() cancels a leader; tell its waiters why.
+            # close() cancels leaders (tell any waiters why); _abandon() does when nobody waits.
             self._fail(keys, futs, RuntimeError("the tiered cache closed while this key was being resolved"))
             raise
         except Exception as exc:

@@ -77,3 +77,37 @@ def test_inference_down_hits_served_misses_unavailable_then_recovered(procs, con
     recovered = eventually(lambda: client.classify("a new text while the model is down"), timeout_s=30)
     assert recovered.tier == MODEL
     assert client.classify("cached before the crash").tier == L1
+
+
+def test_expired_and_cancelled_calls_cost_no_forward_pass(procs, connect, tmp_path, tiny_model):
+    import asyncio
+
+    from protos import classifier_pb2_grpc
+    from tests.helpers import inference_counters
+
+    # A one-second batch window: texts sit in the queue long enough to expire or be cancelled.
+    inference = procs.inference(tiny_model, "--max-wait-ms", "1000")
+    client = connect(procs.gateway(inference, tmp_path / "l2"))
+
+    with pytest.raises(grpc.RpcError) as err:
+        client.classify("expires while queued", timeout=0.2)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    # The expired text leaves the queue, unscored, when its batch window closes.
+    eventually(lambda: inference_counters(inference.address).get("queue_depth", 0) == 0)
+
+    async def cancel_while_queued():
+        async with grpc.aio.insecure_channel(client.channel._channel.target().decode()) as channel:
+            call = classifier_pb2_grpc.ClassifierStub(channel).Classify(
+                classifier_pb2.ClassifyRequest(text="cancelled while queued"))
+            while inference_counters(inference.address).get("queue_depth", 0) < 1:
+                await asyncio.sleep(0.01)
+            call.cancel()
+
+    asyncio.run(cancel_while_queued())
+    # Whether a text is dropped as expired or as cancelled depends on who notices first; neither is scored.
+    def dropped() -> dict:
+        c = inference_counters(inference.address)
+        return c if c.get("dropped_expired", 0) + c.get("dropped_cancelled", 0) == 2 else None
+
+    assert eventually(dropped).get("texts_scored", 0) == 0

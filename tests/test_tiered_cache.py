@@ -414,3 +414,37 @@ def test_resolve_checks_its_arguments():
         await cache.close()
 
     asyncio.run(main())
+
+
+def test_scoring_stops_when_every_caller_has_gone_and_restarts_for_a_newcomer():
+    scorer_cancelled = asyncio.Event()
+
+    class Blocking:
+        calls = 0
+
+        async def __call__(self, texts):
+            Blocking.calls += 1
+            try:
+                await asyncio.Event().wait()  # the model never answers
+            except asyncio.CancelledError:
+                scorer_cancelled.set()
+                raise
+
+    async def body():
+        cache = TieredCache(MemoryTier(10))
+        scorer = Blocking()
+        first = asyncio.ensure_future(cache.resolve([key("x")], ["x"], scorer))
+        second = asyncio.ensure_future(cache.resolve([key("x")], ["x"], scorer))
+        await asyncio.sleep(0.01)
+        first.cancel()
+        await asyncio.sleep(0.01)
+        assert not scorer_cancelled.is_set()  # `second` still waits
+        second.cancel()
+        await asyncio.wait_for(scorer_cancelled.wait(), 1)
+        assert cache.counters["abandoned"] == 1
+        # A newcomer starts afresh rather than joining the abandoned lookup.
+        (answer,) = await cache.resolve([key("x")], ["x"], Model())
+        assert answer == Answer(entry_for("x"), Source.MODEL)
+        await cache.close()
+
+    asyncio.run(body())
