@@ -6,10 +6,11 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 
 __all__ = ["main", "build_parser"]
+
+from gateway.lifecycle import exit_with_parent, until_signalled
 
 log = logging.getLogger("tiergate")
 
@@ -130,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output", metavar="DIR", help="where to store it (default: <cache dir>/models/<name>)")
     b.add_argument("--force", action="store_true", help="rebuild even if it exists")
 
+    from gateway.bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -158,22 +162,6 @@ def _tiers_summary(config) -> str:
     return f"L1 on, L2 {l2}, L3 {l3}"
 
 
-async def _until_signalled() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-
-async def _watch_parent(parent: int) -> None:
-    # A child must not outlive `tiergate serve`, even when serve is SIGKILLed.
-    while os.getppid() == parent:
-        await asyncio.sleep(1.0)
-    log.warning("parent process is gone; stopping")
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
 async def run_inference(args) -> None:
     from inference.batcher import BatcherConfig
     from inference.model import ModelConfig
@@ -192,13 +180,13 @@ async def run_inference(args) -> None:
         host=args.host, port=args.port,
     )
     server = InferenceServer(config)
-    watcher = asyncio.ensure_future(_watch_parent(os.getppid())) if args.exit_with_parent else None
+    watcher = asyncio.ensure_future(exit_with_parent(os.getppid())) if args.exit_with_parent else None
     await server.start()
     info = server.model.info
     print(f"tiergate inference listening on {server.address} (model {info.model_id}@{info.fingerprint}, "
           f"{info.device}, {info.dtype})", flush=True)
     try:
-        await _until_signalled()
+        await until_signalled()
     finally:
         if watcher:
             watcher.cancel()
@@ -206,25 +194,16 @@ async def run_inference(args) -> None:
 
 
 async def run_gateway(args, inference_targets: list[str], label: str = "gateway") -> None:
-    from gateway.server import GatewayServer
-    from gateway.workers import default_workers, run_workers
+    from gateway.workers import default_workers, run_gateway_workers
 
     config = gateway_config(args, inference_targets)
     workers = args.workers or default_workers()
-    if workers > 1:
-        def ready(address: str) -> None:
-            print(f"tiergate {label} listening on {address} ({workers} workers; {_tiers_summary(config)})", flush=True)
 
-        await run_workers(config, workers, _until_signalled, ready, args.log_level.upper())
-        return
-    server = GatewayServer(config)
-    try:
-        await server.start()
-        print(f"tiergate {label} listening on {server.address} (model {server.handlers.core.model_display}; "
-              f"{_tiers_summary(config)})", flush=True)
-        await _until_signalled()
-    finally:
-        await server.stop()
+    def ready(server) -> None:
+        print(f"tiergate {label} listening on {server.address} ({workers} worker{'s' if workers > 1 else ''}; "
+              f"model {server.handlers.core.model_display}; {_tiers_summary(config)})", flush=True)
+
+    await run_gateway_workers(config, workers, until_signalled, ready, args.log_level.upper())
 
 
 async def run_serve(args) -> None:
@@ -263,6 +242,10 @@ def main(argv: list[str] | None = None) -> None:
             report = build_default_model(out)
             print(f"built {report.path}: held-out accuracy {report.accuracy:.4f} on {report.eval_size} balanced "
                   f"positive/negative texts (trained on {report.train_size}) in {report.seconds:.0f} s")
+        elif args.command == "bench":
+            from gateway.bench import run_bench
+
+            run_bench(args)
     except KeyboardInterrupt:
         pass
     except (ValueError, RuntimeError, OSError) as exc:

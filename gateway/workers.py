@@ -1,32 +1,37 @@
 """N gateway worker processes on one port.
 
-Workers are started with the `spawn` method and build everything (gRPC
-objects, the LMDB environment) after they start: neither gRPC nor LMDB
-survives fork. They listen on one port with SO_REUSEPORT, so the kernel
-spreads connections over them (connections, not calls: one client channel
-stays with one worker). They share L2 on disk, and their counters add up in
-one place (gateway.stats_board). A worker that dies is started again.
+The process that runs `tiergate serve`/`tiergate gateway` is worker 0; the
+others are fresh interpreters (`python -m gateway.workers`), never forked:
+neither gRPC nor LMDB survives fork, so each worker creates its gRPC objects
+and opens LMDB after it starts. All listen on one port with SO_REUSEPORT, so
+the kernel spreads connections over them (connections, not calls: one client
+channel stays with one worker). They share L2 on disk, and their counters add
+up in one place (gateway.stats_board). A worker that dies is started again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import base64
 import dataclasses
 import logging
-import multiprocessing
 import os
-import queue
+import pickle
+import re
 import shutil
 import signal
-import socket
+import sys
 import tempfile
+from typing import Awaitable, Callable
 
-from gateway.server import GatewayConfig
+from gateway.lifecycle import exit_with_parent, until_signalled
+from gateway.server import GatewayConfig, GatewayServer
 
-__all__ = ["default_workers", "run_workers"]
+__all__ = ["default_workers", "run_gateway_workers"]
 
 log = logging.getLogger(__name__)
+
+_READY = re.compile(rb"listening on (\S+)")
 
 
 def default_workers() -> int:
@@ -34,108 +39,108 @@ def default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-def _worker_main(config: GatewayConfig, ready: multiprocessing.Queue, log_level: str) -> None:
-    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s worker-{os.getpid()} %(name)s: %(message)s")
-    asyncio.run(_serve_one(config, ready))
+class _WorkerProcess:
+    """One extra worker, a child process running this module."""
+
+    def __init__(self, config: GatewayConfig, log_level: str) -> None:
+        # The config travels pickled on the command line: the child is this same code base.
+        self._payload = base64.b64encode(pickle.dumps((config, log_level))).decode()
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, timeout: float) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.workers", self._payload,
+            stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            await asyncio.wait_for(self._ready_line(), timeout)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _ready_line(self) -> None:
+        while True:
+            line = await self.proc.stdout.readline()
+            if not line:
+                code = await self.proc.wait()
+                raise RuntimeError(f"a gateway worker exited with status {code} before it was ready (see its log)")
+            if _READY.search(line):
+                return
+
+    async def stop(self) -> None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        proc.send_signal(signal.SIGTERM)  # the worker stops its server and closes L2 cleanly
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
 
 
-async def _serve_one(config: GatewayConfig, ready: multiprocessing.Queue) -> None:
-    from gateway.server import GatewayServer
+async def run_gateway_workers(
+    config: GatewayConfig, count: int, until: Callable[[], Awaitable[None]],
+    on_ready: Callable[[GatewayServer], None], log_level: str = "INFO",
+) -> None:
+    """Serves with `count` workers until `until()` returns; on_ready(worker 0) once all serve."""
+    stats_dir = tempfile.mkdtemp(prefix="tiergate-gateway-") if count > 1 else None
+    config = dataclasses.replace(config, stats_dir=stats_dir)
+    server = GatewayServer(config)
+    others: list[_WorkerProcess] = []
+    watcher = None
+    try:
+        await server.start()
+        # The others bind the port worker 0 got (which matters for --port 0).
+        child_config = dataclasses.replace(config, port=server.port)
+        others = [_WorkerProcess(child_config, log_level) for _ in range(count - 1)]
+        await asyncio.gather(*(w.start(config.connect_timeout_s + 60) for w in others))
+        on_ready(server)
+        watcher = asyncio.ensure_future(_restart_dead(others, config.connect_timeout_s + 60))
+        await until()
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        await asyncio.gather(*(w.stop() for w in others), return_exceptions=True)
+        await server.stop()
+        if stats_dir:
+            shutil.rmtree(stats_dir, ignore_errors=True)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+
+async def _restart_dead(workers: list[_WorkerProcess], timeout: float) -> None:
+    while True:
+        await asyncio.sleep(0.5)
+        for worker in workers:
+            if worker.proc is not None and worker.proc.returncode is not None:
+                log.error("gateway worker %d exited with status %s; starting another",
+                          worker.proc.pid, worker.proc.returncode)
+                try:
+                    await worker.start(timeout)
+                except Exception as exc:
+                    log.error("restarting a gateway worker failed: %s", exc)
+
+
+async def _worker_main(config: GatewayConfig) -> None:
+    parent = asyncio.ensure_future(exit_with_parent(os.getppid()))
     server = GatewayServer(config)
     try:
         await server.start()
-    except Exception as exc:
-        ready.put(("error", os.getpid(), str(exc)))
-        await server.stop()
-        return
-    ready.put(("ready", os.getpid(), server.address))
-    try:
-        await stop.wait()
+        print(f"tiergate gateway worker {os.getpid()} listening on {server.address}", flush=True)
+        await until_signalled()
     finally:
+        parent.cancel()
         await server.stop()
 
 
-@contextlib.contextmanager
-def _reserved_port(host: str, port: int):
-    """A concrete port for port 0, held (bound, not listening) until the workers are up."""
-    if port != 0:
-        yield port
-        return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, 0))
-        yield sock.getsockname()[1]
-
-
-class _Workers:
-    def __init__(self, config: GatewayConfig, count: int, log_level: str) -> None:
-        self.config = config
-        self.count = count
-        self.log_level = log_level
-        self._ctx = multiprocessing.get_context("spawn")
-        self.ready = self._ctx.Queue()
-        self.procs: list[multiprocessing.Process] = []
-
-    def spawn(self) -> multiprocessing.Process:
-        proc = self._ctx.Process(target=_worker_main, args=(self.config, self.ready, self.log_level),
-                                 name="tiergate-gateway-worker", daemon=False)
-        proc.start()
-        return proc
-
-    async def wait_ready(self, how_many: int, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        seen = 0
-        while seen < how_many:
-            left = deadline - loop.time()
-            if left <= 0:
-                raise RuntimeError(f"only {seen} of {how_many} gateway workers became ready within {timeout:.0f} s")
-            try:
-                kind, pid, detail = await loop.run_in_executor(None, self.ready.get, True, min(left, 1.0))
-            except queue.Empty:
-                continue
-            if kind == "error":
-                raise RuntimeError(f"gateway worker {pid} failed to start: {detail}")
-            seen += 1
-
-    def stop_all(self, timeout: float = 10.0) -> None:
-        for proc in self.procs:
-            if proc.is_alive():
-                proc.terminate()  # SIGTERM: the worker stops its server and closes L2 cleanly
-        for proc in self.procs:
-            proc.join(timeout)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        self.ready.close()
-        self.ready.join_thread()
-
-
-async def run_workers(config: GatewayConfig, count: int, until, on_ready, log_level: str = "INFO") -> None:
-    """Runs `count` workers until the awaitable factory `until()` returns; calls on_ready(address) once all serve."""
-    stats_dir = tempfile.mkdtemp(prefix="tiergate-gateway-")
-    workers = None
+def main() -> None:
+    config, log_level = pickle.loads(base64.b64decode(sys.argv[1]))
+    logging.basicConfig(level=log_level, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s worker-{os.getpid()} %(name)s: %(message)s")
     try:
-        with _reserved_port(config.host, config.port) as port:
-            config = dataclasses.replace(config, port=port, stats_dir=stats_dir)
-            workers = _Workers(config, count, log_level)
-            workers.procs = [workers.spawn() for _ in range(count)]
-            await workers.wait_ready(count, config.connect_timeout_s + 60)
-        on_ready(f"{config.host}:{port}")
-        stop = asyncio.ensure_future(until())
-        while not stop.done():
-            await asyncio.wait([stop], timeout=0.5)
-            for i, proc in enumerate(workers.procs):
-                if proc.exitcode is not None and not stop.done():
-                    log.error("gateway worker %s exited with status %s; starting another", proc.pid, proc.exitcode)
-                    workers.procs[i] = workers.spawn()
-    finally:
-        if workers is not None:
-            await asyncio.get_running_loop().run_in_executor(None, workers.stop_all)
-        shutil.rmtree(stats_dir, ignore_errors=True)
+        asyncio.run(_worker_main(config))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

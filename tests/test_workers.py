@@ -23,8 +23,10 @@ def test_two_workers_share_the_port_l2_and_counters(procs, connect, tmp_path, ti
     inference = procs.inference(tiny_model)
     gateway = procs.gateway(inference, tmp_path / "l2", None, workers=2)
     assert "2 workers" in gateway.ready_line
-    workers = [pid for pid in children_of(gateway.proc.pid) if b"spawn_main" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()]
-    assert len(workers) == 2
+    # The gateway process is worker 0; the other is a fresh interpreter.
+    others = [pid for pid in children_of(gateway.proc.pid)
+              if b"gateway.workers" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(others) == 1
 
     client = connect(gateway)
     first = classify_on_new_connection(gateway.address, "scored once, shared by every worker")
@@ -46,5 +48,22 @@ def test_two_workers_share_the_port_l2_and_counters(procs, connect, tmp_path, ti
     assert stats.counters["model_texts"] == 1
 
     assert gateway.stop() == 0
-    for pid in workers:
-        eventually(lambda: not alive(pid), timeout_s=15)
+    eventually(lambda: not alive(others[0]), timeout_s=15)
+
+
+def test_a_killed_worker_is_replaced(procs, connect, tmp_path, tiny_model):
+    import os
+    import signal
+
+    gateway = procs.gateway(procs.inference(tiny_model), tmp_path / "l2", None, workers=2)
+
+    def other_workers() -> list[int]:
+        return [pid for pid in children_of(gateway.proc.pid)
+                if alive(pid) and b"gateway.workers" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+    (victim,) = other_workers()
+    os.kill(victim, signal.SIGKILL)
+    replacement = eventually(lambda: [p for p in other_workers() if p != victim], timeout_s=30)
+    assert len(replacement) == 1
+    client = connect(gateway)
+    eventually(lambda: client.stats().workers == 2, timeout_s=10)

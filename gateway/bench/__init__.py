@@ -1,0 +1,105 @@
+"""`tiergate bench`: the benchmark command (not a test; never part of CI's pass/fail).
+
+Starts the stack (or uses --target), runs named scenarios with ghz, grpcload
+or a built-in Python load generator, and reports calls/s, texts/s, latency
+percentiles, errors, hits per tier (the gateway's own counters) and the summed
+RSS of every process of the stack, with ratios against baselines measured in
+the same run (--compare: gostub, a trivial grpc.aio server, the transformers
+pipeline). Light on purpose: nothing here imports torch; the pipeline
+baseline runs in a child process.
+
+This module only builds the argument parser and the BenchConfig; the work is
+in runner.py, scenarios in scenarios.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+__all__ = ["add_bench_parser", "config_from_args", "run_bench"]
+
+
+def add_bench_parser(sub) -> argparse.ArgumentParser:
+    from gateway.bench.config import LOAD_CHOICES
+    from gateway.bench.scenarios import SCENARIOS, default_scenarios
+
+    listing = "; ".join(f"{s.name}: {s.about}" for s in SCENARIOS.values())
+    plain = default_scenarios(False)
+    baselines = [n for n in default_scenarios(True) if n not in plain]
+    p = sub.add_parser(
+        "bench", help="benchmark the gateway (throughput, latency, tier hits, whole-stack RSS, baselines)",
+        description="Starts `tiergate serve` (or uses --target), runs the scenarios, prints one table, writes "
+        "OUT/bench.json and OUT/hit_unary_latency.png (needs matplotlib: pip install -e '.[bench]'). "
+        f"Scenarios: {listing}.",
+    )
+    g = p.add_argument_group("what to measure")
+    g.add_argument("--scenarios", metavar="LIST", help=f"comma-separated (default: {','.join(plain)}; "
+                   f"with --compare also {','.join(baselines)})")
+    g.add_argument("--compare", action="store_true",
+                   help="also run the baselines in the same run: gostub and a trivial grpc.aio server "
+                   "(hit-unary), and the transformers pipeline (miss texts)")
+    g.add_argument("--target", metavar="HOST:PORT", help="a running gateway (default: start `tiergate serve` "
+                   "on a free port with a fresh L2 in a temporary directory)")
+    g.add_argument("--pid", type=int, help="with --target: the gateway's root process; the RSS of its "
+                   "process tree is summed (without it: RSS n/a)")
+    g.add_argument("--model", metavar="PATH_OR_ID", help="the model of the started stack and of the pipeline "
+                   "baseline (default: the built-in sentiment model)")
+    g.add_argument("--workers", type=int, help="gateway worker processes of the started stack "
+                   "(default: serve's own default)")
+    g.add_argument("--serve-args", default="", metavar="'FLAGS'",
+                   help="more flags for the started `tiergate serve`, e.g. '--quantize --max-wait-ms 2'")
+    g = p.add_argument_group("load")
+    g.add_argument("--load", choices=LOAD_CHOICES, default="auto", help="load generator (default: auto = ghz "
+                   "on PATH, else grpcload, else the built-in Python one)")
+    g.add_argument("-c", "--concurrency", type=int, default=50, help="calls in flight (default: %(default)s)")
+    g.add_argument("--connections", type=int, default=4, help="client connections (default: %(default)s)")
+    g.add_argument("--duration", default="10s", help="per scenario (default: %(default)s)")
+    g.add_argument("--warmup", default="2s",
+                   help="the same load before each cached-text scenario (default: %(default)s)")
+    g.add_argument("--rps", type=float,
+                   help="run every scenario open loop at this offered calls/s (default: closed loop)")
+    g.add_argument("--rps-sweep", default="250,500,1000,2000,4000,8000", metavar="LIST",
+                   help="offered rates (calls/s) for the hit-unary latency PNG, run with hit-unary; stops once "
+                   "the server falls far behind; 'none' skips it (default: %(default)s)")
+    g.add_argument("--sweep-duration", default="3s", help="per sweep point (default: %(default)s)")
+    g.add_argument("--pipeline-texts", type=int, default=1000,
+                   help="texts the pipeline baseline scores (default: %(default)s)")
+    g = p.add_argument_group("tools and output")
+    g.add_argument("--out", default="bench-out", metavar="DIR",
+                   help="where bench.json, the PNG and the servers' logs go (default: %(default)s)")
+    g.add_argument("--ghz", metavar="PATH", help="ghz executable (default: from PATH)")
+    g.add_argument("--grpcload", metavar="PATH", help="grpcload (default: PATH, then ../shared/tools/bin)")
+    g.add_argument("--gostub", metavar="PATH", help="gostub (default: PATH, then ../shared/tools/bin)")
+    return p
+
+
+def config_from_args(args):
+    from gateway.bench.config import BenchConfig, parse_duration, parse_rates
+    from gateway.bench.scenarios import default_scenarios
+
+    names = tuple(n.strip() for n in args.scenarios.split(",") if n.strip()) if args.scenarios is not None \
+        else default_scenarios(args.compare)
+    return BenchConfig(
+        scenarios=names, target=args.target, pid=args.pid, model=args.model, workers=args.workers,
+        serve_args=tuple(shlex.split(args.serve_args)), load=args.load, concurrency=args.concurrency,
+        connections=args.connections, duration_s=parse_duration(args.duration), warmup_s=parse_duration(args.warmup),
+        rps=args.rps, out=Path(args.out), compare=args.compare, rps_sweep=parse_rates(args.rps_sweep),
+        sweep_duration_s=parse_duration(args.sweep_duration), pipeline_texts=args.pipeline_texts,
+        ghz=args.ghz, grpcload=args.grpcload, gostub=args.gostub,
+    )
+
+
+def run_bench(args) -> None:
+    from gateway.bench.runner import run
+
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"tiergate bench: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    code = run(config)
+    if code:
+        sys.exit(code)

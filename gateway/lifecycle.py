@@ -1,0 +1,29 @@
+"""Process life: stop on SIGINT/SIGTERM, and never outlive the parent that started us."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+__all__ = ["until_signalled", "exit_with_parent"]
+
+log = logging.getLogger(__name__)
+
+
+async def until_signalled() -> None:
+    """Returns when SIGINT or SIGTERM arrives."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def exit_with_parent(parent: int) -> None:
+    # A child of `tiergate serve` must not outlive it, even when serve is SIGKILLed.
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    log.warning("parent process %d is gone; stopping", parent)
+    os.kill(os.getpid(), signal.SIGTERM)
