@@ -169,7 +169,11 @@ class ClassifierHandlers:
 
     async def get_stats(self, request, context):
         counters, workers = self._stats_source() if self._stats_source else (dict(self.counters), 1)
-        return classifier_pb2.GatewayStats(counters=counters, model=self.core.model_display, workers=workers)
+        model = self.core.inference.model
+        return classifier_pb2.GatewayStats(
+            counters=counters, model=self.core.model_display, workers=workers,
+            model_dtype=model.dtype if model else "", model_device=model.device if model else "",
+        )
 
     def generic_handlers(self) -> list[grpc.GenericRpcHandler]:
         # No (de)serializers: handlers take and return bytes.

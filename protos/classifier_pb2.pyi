@@ -55,7 +55,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GatewayStats(_message.Message):
-    __slots__ = ("counters", "model", "workers")
+    __slots__ = ("counters", "model", "workers", "model_dtype", "model_device")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -66,7 +66,11 @@ class GatewayStats(_message.Message):
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DEVICE_FIELD_NUMBER: _ClassVar[int]
     counters: _containers.ScalarMap[str, int]
     model: str
     workers: int
-    def __init__(self, counters: _Optional[_Mapping[str, int]] = ..., model: _Optional[str] = ..., workers: _Optional[int] = ...) -> None: ...
+    model_dtype: str
+    model_device: str
+    def __init__(self, counters: _Optional[_Mapping[str, int]] = ..., model: _Optional[str] = ..., workers: _Optional[int] = ..., model_dtype: _Optional[str] = ..., model_device: _Optional[str] = ...) -> None: ...
