@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import warnings
 from dataclasses import dataclass
 
 __all__ = ["ModelConfig", "ModelInfo", "SequenceClassifier"]
@@ -57,6 +58,9 @@ class SequenceClassifier:
     def load(self) -> ModelInfo:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a service's log is not a terminal
 
         cfg = self.config
         torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
@@ -95,7 +99,12 @@ class SequenceClassifier:
 
         dtype = "float32"
         if cfg.quantize:
-            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+            with warnings.catch_warnings():
+                # torch.ao.quantization is deprecated in favour of torchao (not a
+                # dependency here); in torch 2.13 it works and is what we pin.
+                warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.ao.quantization")
+                warnings.filterwarnings("ignore", category=UserWarning, message=".*quantized tensor creation")
+                model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
             dtype = "int8-dynamic"
         fingerprint_src.update(dtype.encode())
         model.to(device)

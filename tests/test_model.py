@@ -1,0 +1,56 @@
+"""Model loading through the project's loader (real tiny checkpoints)."""
+
+from __future__ import annotations
+
+import pytest
+
+from inference.model import ModelConfig, SequenceClassifier
+
+
+def load(path, **kw):
+    model = SequenceClassifier(ModelConfig(source=str(path), **kw))
+    return model, model.load()
+
+
+def test_fingerprint_tracks_weights_and_precision(tiny_model, other_tiny_model):
+    _, a = load(tiny_model)
+    _, a_again = load(tiny_model)
+    _, b = load(other_tiny_model)
+    _, a_int8 = load(tiny_model, quantize=True)
+    assert a.fingerprint == a_again.fingerprint
+    assert len({a.fingerprint, b.fingerprint, a_int8.fingerprint}) == 3
+    assert (a.model_id, a.labels, a.dtype, a.device) == ("tiny-bert-seed0", ("negative", "positive"), "float32", "cpu")
+    assert a_int8.dtype == "int8-dynamic"
+
+
+def test_scores_are_the_top_label_and_its_probability(tiny_model):
+    model, _ = load(tiny_model)
+    results = model.score(["a short text", "a somewhat longer text with more words in it", "x"])
+    assert len(results) == 3
+    for label, score in results:
+        assert label in ("negative", "positive") and 0.5 <= score <= 1.0
+    # Batched and one-by-one agree (padding must not change a text's score).
+    for text, (label, score) in zip(["a short text", "x"], [results[0], results[2]]):
+        assert model.score([text])[0] == (label, pytest.approx(score, abs=1e-5))
+
+
+def test_missing_model_directory_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        load(tmp_path / "does-not-exist")
+
+
+def test_unreachable_hub_id_says_what_to_do(monkeypatch):
+    import huggingface_hub.constants
+
+    # No hub here; offline mode makes the lookup fail at once instead of retrying.
+    # (The env var is read when huggingface_hub is imported, so patch the constant.)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="Give a local checkpoint directory"):
+        load("some-org/not-a-local-model")
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        ModelConfig(source="x", threads=0)
+    with pytest.raises(ValueError, match="device must be"):
+        ModelConfig(source="x", device="tpu")
