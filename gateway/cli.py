@@ -169,9 +169,17 @@ async def run_inference(args) -> None:
 
     model = args.model
     if not model:
-        from inference.build import ensure_default_model
+        from inference.paths import default_model_dir
 
-        model = str(await asyncio.get_running_loop().run_in_executor(None, ensure_default_model))
+        model = str(default_model_dir())
+        if not os.path.exists(os.path.join(model, "tiergate_build.json")):
+            # Build in a child process: memory the build used is not given back
+            # to the OS, and this process then serves for days.
+            log.info("building the default model into %s (once; about a minute)", model)
+            build = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", "from inference.build import ensure_default_model; ensure_default_model()")
+            if await build.wait() != 0:
+                raise RuntimeError("building the default model failed (see above)")
     config = InferenceConfig(
         model=ModelConfig(source=model, device=args.device, quantize=args.quantize, threads=args.threads),
         batcher=BatcherConfig(max_batch=args.max_batch_texts, max_tokens=args.max_batch_tokens,

@@ -20,6 +20,15 @@ def cache_dir(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def default_model_build(tmp_path_factory):
+    """The real default model, built once per test run (a minute or two)."""
+    from inference import build
+
+    out = tmp_path_factory.mktemp("models") / build.DEFAULT_MODEL_NAME
+    return build.build_default_model(out, progress=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> pathlib.Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-model-a"), seed=0)
 
