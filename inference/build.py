@@ -80,6 +80,7 @@ class BuildReport:
     eval_size: int
     train_size: int
     seconds: float
+    accuracy_int8: float  # the same held-out texts after int8 dynamic quantization
 
 
 def is_complete_model_dir(path: pathlib.Path) -> bool:
@@ -140,6 +141,7 @@ def build_default_model(
             tokenizer.save_pretrained(tmp)
             del model
             accuracy = _evaluate_saved(tmp, held_out, progress)
+            accuracy_int8 = _evaluate_saved(tmp, held_out, progress, quantize=True)
         if accuracy < MIN_ACCURACY:
             raise RuntimeError(
                 f"the default model reached held-out accuracy {accuracy:.4f} < {MIN_ACCURACY}"
@@ -147,13 +149,14 @@ def build_default_model(
             )
         seconds = time.perf_counter() - started
         info = _build_info(accuracy, len(held_out), len(train), seed, seconds, corpus)
+        info["accuracy_int8"] = accuracy_int8  # decides --quantize auto (inference.model.int8_is_safe)
         (tmp / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         _apply_umask(tmp)
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return BuildReport(out_dir, accuracy, len(held_out), len(train), seconds)
+    return BuildReport(out_dir, accuracy, len(held_out), len(train), seconds, accuracy_int8)
 
 
 # --- sources -------------------------------------------------------------
@@ -404,12 +407,18 @@ def _train(model, features: list, labels: Sequence[int], *, seed: int, progress:
         model.requires_grad_(True)
 
 
-def _evaluate_saved(path: pathlib.Path, held_out: Sequence[tuple[str, int]], progress: bool) -> float:
-    """Held-out accuracy of the saved checkpoint through the standard forward."""
+def _evaluate_saved(path: pathlib.Path, held_out: Sequence[tuple[str, int]], progress: bool,
+                    quantize: bool = False) -> float:
+    """Held-out accuracy of the saved checkpoint through the standard forward
+    (with quantize: after the int8 quantization the service would apply)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from inference.model import quantize_int8
+
     model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).eval()
+    if quantize:
+        model = quantize_int8(model)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     label_ids = {name: i for i, name in enumerate(LABELS)}
     if {int(k): v for k, v in model.config.id2label.items()} != dict(enumerate(LABELS)):
@@ -417,7 +426,8 @@ def _evaluate_saved(path: pathlib.Path, held_out: Sequence[tuple[str, int]], pro
     texts = [t for t, _ in held_out]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     correct = 0
-    with _progress_bar(progress, total=len(texts), desc="evaluating", unit="text") as bar:
+    with _progress_bar(progress, total=len(texts), desc="evaluating int8" if quantize else "evaluating",
+                       unit="text") as bar:
         for start in range(0, len(order), ENCODE_BATCH):
             batch = order[start : start + ENCODE_BATCH]
             inputs = tokenizer([texts[i] for i in batch], padding=True, truncation=True, return_tensors="pt")

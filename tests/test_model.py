@@ -54,3 +54,20 @@ def test_bad_config_values_are_named():
         ModelConfig(source="x", threads=0)
     with pytest.raises(ValueError, match="device must be"):
         ModelConfig(source="x", device="tpu")
+
+
+@pytest.mark.parametrize("int8_accuracy, expected", [(0.895, "int8-dynamic"), (0.85, "float32")])
+def test_auto_quantization_follows_the_measured_accuracy_loss(tiny_model, tmp_path, int8_accuracy, expected):
+    import json
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model, model_dir)
+    (model_dir / "tiergate_build.json").write_text(json.dumps({"accuracy": 0.9, "accuracy_int8": int8_accuracy}))
+    _, info = load(model_dir)  # quantize=None: auto
+    assert info.dtype == expected
+
+
+def test_auto_quantization_is_off_for_models_nobody_measured(tiny_model):
+    _, info = load(tiny_model)
+    assert info.dtype == "float32"
