@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 
-__all__ = ["until_signalled", "exit_with_parent"]
+__all__ = ["until_signalled", "exit_with_parent", "READY_PATTERN", "ready_line"]
+
+READY_PATTERN = re.compile(r"listening on (\S+)")  # every tiergate server prints this once it serves
 
 log = logging.getLogger(__name__)
 
@@ -27,3 +30,15 @@ async def exit_with_parent(parent: int) -> None:
         await asyncio.sleep(1.0)
     log.warning("parent process %d is gone; stopping", parent)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def ready_line(proc: asyncio.subprocess.Process, what: str) -> str:
+    """The child's "listening on HOST:PORT" line (it reads the child's stdout until then)."""
+    while True:
+        raw = await proc.stdout.readline()
+        if not raw:
+            code = await proc.wait()
+            raise RuntimeError(f"{what} exited with status {code} before it was ready (see its log above)")
+        line = raw.decode(errors="replace").strip()
+        if READY_PATTERN.search(line):
+            return line

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import signal
 import sys
 
-__all__ = ["InferenceProcess", "READY_PATTERN"]
+from gateway.lifecycle import READY_PATTERN, ready_line
+
+__all__ = ["InferenceProcess"]
 
 log = logging.getLogger(__name__)
-
-READY_PATTERN = re.compile(r"listening on (\S+)")
 
 
 class InferenceProcess:
@@ -49,22 +48,12 @@ class InferenceProcess:
                "--exit-with-parent", *self._args]
         self._proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
         try:
-            line = await asyncio.wait_for(self._read_ready_line(), self._ready_timeout_s)
+            line = await asyncio.wait_for(ready_line(self._proc, "the inference service"), self._ready_timeout_s)
         except BaseException:
             await self._terminate()
             raise
         host, _, port = READY_PATTERN.search(line).group(1).rpartition(":")
         self.port = int(port)  # keep it: a restarted child comes back on the same port
-
-    async def _read_ready_line(self) -> str:
-        while True:
-            raw = await self._proc.stdout.readline()
-            if not raw:
-                code = await self._proc.wait()
-                raise RuntimeError(f"the inference service exited with status {code} before it was ready (see its log above)")
-            line = raw.decode(errors="replace").strip()
-            if READY_PATTERN.search(line):
-                return line
 
     async def _restart_when_dead(self) -> None:
         backoff = 1.0

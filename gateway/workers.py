@@ -17,21 +17,18 @@ import dataclasses
 import logging
 import os
 import pickle
-import re
 import shutil
 import signal
 import sys
 import tempfile
 from typing import Awaitable, Callable
 
-from gateway.lifecycle import exit_with_parent, until_signalled
+from gateway.lifecycle import exit_with_parent, ready_line, until_signalled
 from gateway.server import GatewayConfig, GatewayServer
 
 __all__ = ["default_workers", "run_gateway_workers"]
 
 log = logging.getLogger(__name__)
-
-_READY = re.compile(rb"listening on (\S+)")
 
 
 def default_workers() -> int:
@@ -53,19 +50,10 @@ class _WorkerProcess:
             stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
         )
         try:
-            await asyncio.wait_for(self._ready_line(), timeout)
+            await asyncio.wait_for(ready_line(self.proc, "a gateway worker"), timeout)
         except BaseException:
             await self.stop()
             raise
-
-    async def _ready_line(self) -> None:
-        while True:
-            line = await self.proc.stdout.readline()
-            if not line:
-                code = await self.proc.wait()
-                raise RuntimeError(f"a gateway worker exited with status {code} before it was ready (see its log)")
-            if _READY.search(line):
-                return
 
     async def stop(self) -> None:
         proc = self.proc
