@@ -5,13 +5,13 @@ LMDB has no TTL and no size bound, so both are built here: every value carries
 its expiry and write time, an `age` index orders keys oldest-first for
 eviction, and one writer thread per process enforces the byte budget after
 each batch. Reads are inline (microseconds); writes never block the caller.
+Opening, the check/rebuild after an unclean stop and the clean-shutdown
+marker live in cache.l2_recovery.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import logging
 import math
 import os
@@ -24,12 +24,8 @@ from typing import Callable, Iterator, Sequence
 
 import lmdb
 
-try:
-    from lmdb.verify import verify as _verify  # py-lmdb >= 3: checks a file without mapping it
-except ImportError:  # pragma: no cover
-    _verify = None
-
 from cache.entry import Entry, decode_entry, encode_entry
+from cache.l2_recovery import CLEAN_SHUTDOWN_MARKER, EnvUse
 
 __all__ = ["LmdbConfig", "LmdbTier", "CLEAN_SHUTDOWN_MARKER"]
 
@@ -37,9 +33,6 @@ log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 GiB = 1 << 30
-CLEAN_SHUTDOWN_MARKER = "clean-shutdown"
-_OPEN_LOCK_FILE = "tiergate-open.lock"  # serializes opening/closing across processes
-_USERS_LOCK_FILE = "tiergate-users.lock"  # every process with the env open holds it shared
 
 # Value: expires_at (unix seconds), written_at (unix microseconds), then the
 # encoded entry. Microseconds, not seconds, order the age index: with whole
@@ -94,18 +87,6 @@ class LmdbConfig:
             raise ValueError(f"L2 max_pending_writes must be >= 1, got {self.max_pending_writes}")
 
 
-def _unlink(*paths: str) -> None:
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-# LMDB must not be opened twice in one process (its fcntl locks are per
-# process and file: closing one handle releases the other's), so refuse it.
-_open_paths: set[str] = set()
-_open_paths_lock = threading.Lock()
-
-
 class LmdbTier:
     """The L2 tier. Open one per process per directory, after the process has
     started (an LMDB environment does not survive fork)."""
@@ -129,16 +110,13 @@ class LmdbTier:
         self._closed = False
         self._resize_needed = False
         self._close_lock = threading.Lock()
-        self._users_fd: int | None = None
 
-        with _open_paths_lock:
-            if self.path in _open_paths:
-                raise RuntimeError(f"L2 directory {self.path} is already open in this process")
-            _open_paths.add(self.path)
+        self._use = EnvUse(self.path)  # refuses a directory already open in this process
         env = None
         try:
-            os.makedirs(self.path, exist_ok=True)
-            self._env = env = self._open()
+            self._env = env = self._use.open(self.config.map_size)
+            if self._use.rebuilt:
+                self.counters["rebuilt"] += 1
             self._entries = env.open_db(b"entries")
             self._age = env.open_db(b"age")
             self._main = env.open_db(None)
@@ -146,118 +124,12 @@ class LmdbTier:
         except BaseException:
             if env is not None:
                 env.close()
-            self._release_users_lock(write_marker=False)
-            with _open_paths_lock:
-                _open_paths.discard(self.path)
+            self._use.release(clean=False)
             raise
         self._writer = threading.Thread(target=self._writer_main, name="tiergate-l2-writer", daemon=True)
         self._writer.start()
 
-    # -- opening, checking, closing -----------------------------------------
-
-    def _open(self) -> lmdb.Environment:
-        """Open the environment, checking it first if the last process to use
-        it did not close it cleanly (only when no other process has it open)."""
-        open_fd = os.open(os.path.join(self.path, _OPEN_LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(open_fd, fcntl.LOCK_EX)
-            self._users_fd = os.open(os.path.join(self.path, _USERS_LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                first = True
-            except BlockingIOError:
-                first = False  # others have it open: it was checked when the first of them opened it
-            marker = os.path.join(self.path, CLEAN_SHUTDOWN_MARKER)
-            if first:
-                if not os.path.exists(marker):
-                    problem = self._check_unclean()
-                    if problem is not None:
-                        log.warning("L2 at %s was not shut down cleanly and is damaged (%s): rebuilding it empty",
-                                    self.path, problem)  # fmt: skip
-                        _unlink(os.path.join(self.path, "data.mdb"), os.path.join(self.path, "lock.mdb"))
-                        self.counters["rebuilt"] += 1
-                # The marker is absent while any process has the env open, so a
-                # crash from here on is recognized at the next open.
-                _unlink(marker)
-            env = lmdb.open(
-                self.path,
-                map_size=self.config.map_size,
-                max_dbs=2,
-                sync=False,  # a cache: the writer thread syncs every sync_interval_s
-                lock=True,
-                readahead=False,  # random reads of a large map: readahead only wastes page cache
-            )
-            if first:
-                env.reader_check()  # clear reader slots of dead processes, which pin old pages
-            fcntl.flock(self._users_fd, fcntl.LOCK_SH)  # the first one downgrades: others may open now
-            return env
-        finally:
-            os.close(open_fd)  # closing the descriptor releases the open lock
-
-    def _check_unclean(self) -> str | None:
-        """Why the data file left by an unclean stop is unsafe to open, or None.
-
-        A truncated data file makes LMDB die with SIGBUS when it touches a page
-        past the end, so this never hands a page to liblmdb before checking:
-        sizes first, then lmdb.verify (a pure-Python walker, py-lmdb >= 3),
-        else a full cursor scan, which is safe once the sizes add up.
-        """
-        data = os.path.join(self.path, "data.mdb")
-        try:
-            size = os.path.getsize(data)
-        except FileNotFoundError:
-            return None
-        if size == 0:
-            return None  # LMDB initializes an empty file like a new one
-        psize = os.sysconf("SC_PAGE_SIZE")  # LMDB's page size on this host
-        if size < 2 * psize:
-            return f"data.mdb is {size} bytes, shorter than its two meta pages"
-        try:
-            env = lmdb.open(self.path, map_size=self.config.map_size, max_dbs=2, readonly=True, lock=False)
-        except lmdb.Error as exc:
-            return f"cannot open: {exc}"
-        try:
-            needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-            if size < needed:
-                return f"data.mdb is {size} bytes, its pages need {needed}"
-            if _verify is None:  # py-lmdb < 3: walk every B-tree through liblmdb
-                try:
-                    with env.begin(buffers=True) as txn:
-                        for name in (b"entries", b"age"):
-                            if txn.get(name) is not None:
-                                for _item in txn.cursor(db=env.open_db(name, txn=txn, create=False)):
-                                    pass
-                except lmdb.Error as exc:
-                    return f"scan failed: {exc}"
-                return None
-        finally:
-            env.close()
-        try:
-            problems = _verify(self.path)
-        except Exception as exc:  # VerifyError, OSError, or a walker bug
-            return f"verify failed: {exc}"
-        return f"verify: {problems[0]}" if problems else None
-
-    def _release_users_lock(self, write_marker: bool) -> None:
-        """Leave the set of users; the last one out writes the clean marker."""
-        if self._users_fd is None:
-            return
-        open_fd = os.open(os.path.join(self.path, _OPEN_LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(open_fd, fcntl.LOCK_EX)
-            fcntl.flock(self._users_fd, fcntl.LOCK_UN)
-            try:
-                fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                last = True
-            except BlockingIOError:
-                last = False
-            if last and write_marker:
-                with open(os.path.join(self.path, CLEAN_SHUTDOWN_MARKER), "w") as f:
-                    f.write("closed cleanly; absent while open or after a crash\n")
-        finally:
-            os.close(self._users_fd)
-            self._users_fd = None
-            os.close(open_fd)
+    # -- closing --------------------------------------------------------------
 
     def close_sync(self, timeout: float = 5.0) -> None:
         """Write what is queued (up to `timeout`), sync, close, and mark the
@@ -275,9 +147,7 @@ class LmdbTier:
             except lmdb.Error as exc:
                 self._log_once("sync", exc)
             self._env.close()
-        self._release_users_lock(write_marker=True)
-        with _open_paths_lock:
-            _open_paths.discard(self.path)
+        self._use.release(clean=True)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.close_sync)  # flush and sync block
