@@ -51,7 +51,7 @@ def _add_gateway_flags(p: argparse.ArgumentParser, *, port_default: int = 50051)
 def _add_workers_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=_positive_int, default=None,
                    help="gateway worker processes sharing the port (SO_REUSEPORT) and L2 (default: one per core, "
-                   "at most 8)")
+                   "at most 8; for serve, one per two cores: the model needs the rest)")
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -63,7 +63,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="int8 dynamic quantization of Linear layers, CPU only (default: auto = on where the model's "
                    "build measured at most 1 point of held-out accuracy lost, i.e. the built-in model on CPU)")
     g.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: one per core)")
-    g.add_argument("--max-batch-texts", type=_positive_int, default=32, help="texts per model call (default: %(default)s)")
+    g.add_argument("--max-batch-texts", type=_positive_int, default=16, help="texts per model call (default: %(default)s)")
     g.add_argument("--max-batch-tokens", type=_positive_int, default=8192,
                    help="padded tokens per model call (default: %(default)s)")
     g.add_argument("--max-wait-ms", type=float, default=5.0,
@@ -168,6 +168,7 @@ async def run_inference(args) -> None:
     from inference.model import ModelConfig
     from inference.service import InferenceConfig, InferenceServer
 
+
     model = args.model
     if not model:
         from inference.paths import default_model_dir
@@ -207,7 +208,7 @@ async def run_gateway(args, inference_targets: list[str], label: str = "gateway"
     from gateway.workers import default_workers, run_gateway_workers
 
     config = gateway_config(args, inference_targets)
-    workers = args.workers or default_workers()
+    workers = args.workers or default_workers(model_on_host=label == "serve")
 
     def ready(server) -> None:
         print(f"tiergate {label} listening on {server.address} ({workers} worker{'s' if workers > 1 else ''}; "

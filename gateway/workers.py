@@ -31,9 +31,12 @@ __all__ = ["default_workers", "run_gateway_workers"]
 log = logging.getLogger(__name__)
 
 
-def default_workers() -> int:
-    """One worker per core (the hit path is CPU-bound in Python), at most 8."""
-    return max(1, min(os.cpu_count() or 1, 8))
+def default_workers(model_on_host: bool = False) -> int:
+    """One worker per core (the hit path is CPU-bound in Python), at most 8;
+    one per two cores where the model runs on the same host (`serve`): torch
+    needs the other half, and each worker costs RSS."""
+    cores = os.cpu_count() or 1
+    return max(1, min(cores // 2 if model_on_host else cores, 8))
 
 
 class _WorkerProcess:

@@ -2,16 +2,25 @@
 one process, a transformers text-classification pipeline, texts in batches.
 
     python -m inference.pipeline_baseline --model DIR --texts FILE [--batch-size 8] [--limit N]
+    python -m inference.pipeline_baseline --model DIR --texts FILE --bare-forward N [--warmup 5] [--quantize]
 
 Reads one text per line, scores them in batches of --batch-size, and prints
 one JSON line: texts, seconds (scoring only; loading is load_seconds),
 texts_per_s, rss_mb (this process's VmRSS at the end) and peak_rss_mb
 (VmHWM). `tiergate bench --compare` runs it on the texts of its miss scenario.
+
+--bare-forward N is the floor a single miss is measured against: the model
+loaded with the project's own loader (inference.model.SequenceClassifier, int8
+with --quantize, as the server loads it), then --warmup texts and N texts
+scored one at a time (tokenize + forward of one text, nothing else), timed
+each; prints one JSON line with p50/p90/p99 ms of one pass. `tiergate bench`
+runs it (scenario miss-idle) on the texts the gateway was sent, while idle.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import time
@@ -52,13 +61,70 @@ def run_pipeline(model: str, texts: list[str], batch_size: int) -> dict:
     }
 
 
+def run_bare_forward(model: str, texts: list[str], warmup: int, *, quantize: bool, device: str) -> dict:
+    from inference.model import ModelConfig, SequenceClassifier  # loads torch when called
+
+    t0 = time.perf_counter()
+    classifier = SequenceClassifier(ModelConfig(source=model, quantize=quantize, device=device))
+    info = classifier.load()
+    load_s = time.perf_counter() - t0
+
+    def timed(text: str) -> float:
+        start = time.perf_counter()
+        classifier.score([text])
+        return time.perf_counter() - start
+
+    # In a worker thread, as the inference service calls its model (off the
+    # event loop; load() already ran torch in the main thread, as the server's
+    # load does). It matters on a shared machine: with one OpenMP team whose
+    # threads fit the cores, libgomp spin-waits at full count, and one core
+    # busy with another process then turns a pass of a few ms into hundreds
+    # (GOMP_SPINCOUNT=1000 cures it, which shows the cause); with a second
+    # team, as here and in the server, libgomp uses its throttled spin.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bare-forward") as pool:
+        for text in texts[:warmup]:
+            pool.submit(timed, text).result()
+        times = sorted(pool.submit(timed, text).result() for text in texts[warmup:])
+
+    def ms(p: float) -> float:
+        return round(times[int(p * (len(times) - 1))] * 1000, 3)
+
+    import torch
+
+    return {
+        "mode": "bare-forward", "texts": len(times), "warmup": warmup, "p50_ms": ms(0.5), "p90_ms": ms(0.9),
+        "p99_ms": ms(0.99), "min_ms": ms(0.0), "max_ms": ms(1.0),
+        "mean_ms": round(sum(times) / len(times) * 1000, 3), "dtype": info.dtype, "device": info.device,
+        "torch_threads": torch.get_num_threads(), "in": "worker thread", "load_seconds": round(load_s, 3), "rss_mb": _status_mb("VmRSS"),
+        "model": model, "model_id": info.model_id, "pid": os.getpid(),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m inference.pipeline_baseline", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (or hub id)")
     p.add_argument("--texts", required=True, type=Path, metavar="FILE", help="one text per line")
     p.add_argument("--batch-size", type=int, default=8, help="texts per pipeline call (default: %(default)s)")
     p.add_argument("--limit", type=int, help="score only the first N texts")
+    p.add_argument("--bare-forward", type=int, metavar="N", help="instead: time N single texts (after --warmup "
+                   "more) through inference.model.SequenceClassifier, one forward pass each")
+    p.add_argument("--warmup", type=int, default=5, help="with --bare-forward: untimed texts first, taken from "
+                   "the start of the file (default: %(default)s)")
+    p.add_argument("--quantize", action="store_true", help="with --bare-forward: int8 dynamic quantization, as "
+                   "`tiergate serve --quantize` loads the model")
+    p.add_argument("--device", default="cpu", help="with --bare-forward: cpu, cuda, cuda:N or auto "
+                   "(default: %(default)s)")
     args = p.parse_args(argv)
+    if args.bare_forward is not None:
+        if args.bare_forward < 1 or args.warmup < 0:
+            p.error(f"--bare-forward must be >= 1 and --warmup >= 0, got {args.bare_forward} and {args.warmup}")
+        texts = read_texts(args.texts, args.warmup + args.bare_forward)
+        if len(texts) < args.warmup + args.bare_forward:
+            p.error(f"{args.texts} has {len(texts)} texts; --warmup {args.warmup} + --bare-forward "
+                    f"{args.bare_forward} need {args.warmup + args.bare_forward}")
+        result = run_bare_forward(args.model, texts, args.warmup, quantize=args.quantize, device=args.device)
+        print(json.dumps(result), flush=True)
+        return
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:

@@ -1,6 +1,8 @@
 """`tiergate bench`'s plumbing on fake numbers: parsing the load generators'
-output, the table, bench.json, settings validation, and the trivial baseline
-server. No benchmark runs here: numbers are never part of pass/fail."""
+output, the table, the targets section, bench.json, settings validation, the
+trivial baseline server, the Python generator's per-code error latencies and
+hung count, and the bare forward mode. No benchmark runs here: numbers are
+never part of pass/fail."""
 
 from __future__ import annotations
 
@@ -8,14 +10,19 @@ import json
 import pathlib
 import subprocess
 import sys
+import time
+from concurrent import futures
+from dataclasses import asdict
 
 import grpc
 import pytest
 
 from gateway.bench.config import BenchConfig, parse_duration, parse_rates
-from gateway.bench.loadgen import Ghz, Grpcload, LoadResult, LoadSpec, ghz_messages, status_name
-from gateway.bench.procs import RssSnapshot, tree_rss
-from gateway.bench.report import draw_latency_png, ratios, render_table, write_json
+from gateway.bench.goals import check_targets, render_targets
+from gateway.bench.loadgen import Ghz, Grpcload, LoadResult, LoadSpec, PythonLoad, ghz_messages, status_name
+from gateway.bench.procs import OthersCpu, RssSnapshot, tree_rss
+from gateway.bench.pyload import percentiles
+from gateway.bench.report import draw_latency_png, miss_lines, ratios, render_table, write_json
 from gateway.bench.scenarios import ScenarioResult
 from gateway.bench.texts import unique_texts, zipf_samples
 from protos import classifier_pb2
@@ -121,6 +128,7 @@ def test_zipf_samples_favour_the_first_ranks():
 def test_rss_of_this_process_tree_is_positive():
     snap = tree_rss(__import__("os").getpid())
     assert snap.total_mb > 0 and snap.processes[0].rss_mb > 0
+    assert OthersCpu(__import__("os").getpid()).cores() >= 0
 
 
 def test_latency_png_or_a_clear_message(tmp_path):
@@ -145,3 +153,140 @@ def test_trivial_server_answers_classify_with_fixed_bytes():
         finally:
             proc.terminate()
         assert proc.wait(10) == 0
+
+
+# --- the miss path: miss-idle, miss-80, overload and the targets section -------------------------------------------
+
+def _miss_results(*, refused_max: float = 20.0, hung: int = 0, recovery_errors: dict | None = None,
+                  overload_rss_peak: float = 640.0) -> list[ScenarioResult]:
+    rss = RssSnapshot(total_mb=600.0, processes=())
+    idle = ScenarioResult("miss-idle", "tiergate", "", load=_load(50, p50_ms=12.0), rss=rss,
+                          extras={"bare_forward": {"p50_ms": 10.0, "p90_ms": 11.0, "min_ms": 9.0, "texts": 50,
+                                                   "dtype": "int8-dynamic", "device": "cpu", "torch_threads": 2}})
+    m80 = ScenarioResult("miss-80", "tiergate", "", load=_load(240, p50_ms=50.0, p99_ms=150.0), rss=rss,
+                         extras={"offered_rps": 240.0, "capacity_texts_per_s": 300.0,
+                                 "capacity_from": "the miss scenario"})
+    errors = {"RESOURCE_EXHAUSTED": 2500, **({"DEADLINE_EXCEEDED": hung} if hung else {})}
+    over_load = _load(300, errors=errors, generator="python",
+                      error_latency_ms={"RESOURCE_EXHAUSTED": {"p50": 2.0, "p99": 9.0, "max": refused_max}},
+                      hung=hung, sent=18000, sent_per_s=600.0, send_lag_ms={"p50": 0.5, "p99": 4.0, "max": 9.0})
+    recovery = asdict(_load(30, p50_ms=14.0, errors=recovery_errors or {}))
+    over = ScenarioResult("overload", "tiergate", "", load=over_load, rss=rss, rss_peak_mb=overload_rss_peak,
+                          extras={"offered_rps": 600.0, "capacity_texts_per_s": 300.0, "call_timeout_s": 20.0,
+                                  "refused": 2500, "other_errors": {}, "hung": hung, "recovery": recovery,
+                                  "refused_latency_ms": over_load.error_latency_ms["RESOURCE_EXHAUSTED"]})
+    miss = ScenarioResult("miss", "tiergate", "", load=_load(300), rss=rss, rss_peak_mb=620.0)
+    pipe = ScenarioResult("pipeline", "pipeline", "", pipeline={"texts_per_s": 90.0, "rss_mb": 500.0})
+    return [miss, idle, m80, over, pipe]
+
+
+def test_targets_pass_fail_and_not_measured():
+    checks = {c.key: c for c in check_targets(_miss_results(), "int8-dynamic")}
+    assert {k: c.verdict for k, c in checks.items()} == {
+        "miss_vs_pipeline": "PASS", "idle_vs_bare_forward": "PASS", "miss_80_tail": "PASS",
+        "overload_refusals": "PASS", "overload_errors": "PASS", "overload_hung": "PASS", "overload_recovery": "PASS",
+        "rss_miss": "PASS", "rss_miss_peak": "PASS", "rss_overload_peak": "PASS"}
+    assert checks["miss_vs_pipeline"].value.startswith("3.33x") and "int8" in checks["miss_vs_pipeline"].target
+    assert checks["rss_overload_peak"].value.startswith("+140 MB")
+
+    bad = {c.key: c for c in check_targets(_miss_results(refused_max=80.0, hung=3, recovery_errors={"UNAVAILABLE": 1},
+                                                         overload_rss_peak=700.0), "float32")}
+    assert bad["miss_vs_pipeline"].verdict == "PASS" and "1.8x" in bad["miss_vs_pipeline"].target
+    for key in ("overload_refusals", "overload_hung", "overload_recovery", "rss_overload_peak"):
+        assert bad[key].verdict == "FAIL", key
+    assert bad["overload_errors"].verdict == "PASS"  # DEADLINE_EXCEEDED is "hung", not another error
+
+    only_miss = {c.key: c for c in check_targets(_miss_results()[:1], None)}
+    assert only_miss["miss_vs_pipeline"].verdict == "n/a" and "--compare" in only_miss["miss_vs_pipeline"].value
+    assert only_miss["overload_hung"].verdict == "n/a"
+
+    lines = render_targets(check_targets(_miss_results(), "int8-dynamic"))
+    assert lines[0].startswith("targets") and lines[-1].strip() == "10 PASS"
+    assert any(line.strip().startswith("PASS  miss-80 p99 / p50") and "3.00x" in line for line in lines)
+
+
+def test_miss_rows_ratios_and_json(tmp_path):
+    results = _miss_results()
+    rat = ratios(results)
+    assert rat["miss_idle_p50_vs_bare_forward_p50"] == pytest.approx(1.2)
+    assert rat["miss_80_p99_vs_p50"] == pytest.approx(3.0)
+    table = render_table(results, header=[], footer=miss_lines(results))
+    row = {line.split()[0]: line for line in table.splitlines()[2:2 + len(results)]}
+    assert "1.20x bare forward p50" in row["miss-idle"] and "p99/p50 3.00x" in row["miss-80"]
+    assert "refused p99 9.00 ms, hung 0" in row["overload"] and "RESOURCE_EXHAUSTED=2500" in row["overload"]
+    assert "sent 600/s" in table and "recovery after overload" in table and "bare forward" in table
+
+    checks = check_targets(results, "int8-dynamic")
+    doc = json.loads(write_json(tmp_path / "bench.json", {}, results, checks).read_text())
+    over = next(s for s in doc["scenarios"] if s["name"] == "overload")
+    assert over["load"]["error_latency_ms"]["RESOURCE_EXHAUSTED"]["max"] == 20.0 and over["load"]["hung"] == 0
+    assert over["extras"]["recovery"]["ok"] == 300
+    assert [t["verdict"] for t in doc["targets"]].count("PASS") == 10
+
+
+def test_pyload_output_carries_error_latencies_and_hung(tmp_path):
+    spec = LoadSpec(method="/x/Y", texts_file=tmp_path / "t.txt", rps=100, timeout_s=1.5)
+    assert Grpcload("grpcload").argv(spec, "h:1", tmp_path)[-4:] == ["-rps", "100", "-timeout", "1500ms"]
+    line = json.dumps({"ok": 10, "errors": {"RESOURCE_EXHAUSTED": 4}, "seconds": 1.0, "rps": 10.0,
+                       "texts_per_s": 10.0, "p50_ms": 1, "p90_ms": 2, "p95_ms": 3, "p99_ms": 4, "max_ms": 5,
+                       "error_latency_ms": {"RESOURCE_EXHAUSTED": {"p50": 1.0, "p99": 2.0, "max": 3.0}},
+                       "hung": 0, "sent": 14, "sent_per_s": 14.0, "send_lag_ms": {"p50": 0.1, "p99": 0.2, "max": 0.3}})
+    res = PythonLoad(sys.executable).parse(line, spec)
+    assert res.error_latency_ms == {"RESOURCE_EXHAUSTED": {"p50": 1.0, "p99": 2.0, "max": 3.0}}
+    assert (res.hung, res.sent, res.sent_per_s) == (0, 14, 14.0)
+    assert percentiles([0.001, 0.002, 0.010]) == {"p50": 2.0, "p99": 2.0, "max": 10.0}
+
+
+class _Refuser(grpc.GenericRpcHandler):
+    """Answers "ok" texts, refuses "full" ones with RESOURCE_EXHAUSTED, never answers "hang" ones in time."""
+
+    def service(self, details):
+        def handle(request: bytes, context):
+            if b"full" in request:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+            if b"hang" in request:
+                time.sleep(3)
+            return b""
+
+        return grpc.unary_unary_rpc_method_handler(handle)
+
+
+def test_pyload_times_refusals_per_code_and_counts_hung_calls(tmp_path):
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), handlers=[_Refuser()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        texts = tmp_path / "texts.txt"
+        texts.write_text("ok\nfull\nok\nhang\n")
+        proc = subprocess.run([sys.executable, "-m", "gateway.bench.pyload", "-addr", f"127.0.0.1:{port}",
+                               "-call", "/x.Y/Z", "-texts", str(texts), "-c", "4", "-n", "8", "-timeout", "500ms"],
+                              capture_output=True, text=True, timeout=60, cwd=pathlib.Path(__file__).parents[1])
+    finally:
+        server.stop(0)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["ok"] == 4 and out["errors"] == {"RESOURCE_EXHAUSTED": 2, "DEADLINE_EXCEEDED": 2}
+    assert out["hung"] == 2 and out["sent"] == 8 and out["unfinished"] == 0
+    assert set(out["error_latency_ms"]) == {"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
+    assert out["error_latency_ms"]["RESOURCE_EXHAUSTED"]["max"] < 400
+    assert out["error_latency_ms"]["DEADLINE_EXCEEDED"]["p50"] >= 450
+
+
+def test_bare_forward_prints_one_pass_percentiles(tiny_model, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(f"a new text number {i} #{i}\n" for i in range(6)))
+    proc = subprocess.run([sys.executable, "-m", "inference.pipeline_baseline", "--model", str(tiny_model),
+                           "--texts", str(texts), "--bare-forward", "4", "--warmup", "2", "--quantize"],
+                          capture_output=True, text=True, timeout=300, cwd=pathlib.Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["mode"] == "bare-forward" and out["texts"] == 4 and out["dtype"] == "int8-dynamic"
+    assert 0 < out["min_ms"] <= out["p50_ms"] <= out["p90_ms"] <= out["max_ms"]
+
+
+def test_miss_settings_are_validated():
+    with pytest.raises(ValueError, match="--miss-concurrency must be >= 1, got 0"):
+        BenchConfig(scenarios=("miss",), miss_concurrency=0)
+    with pytest.raises(ValueError, match="--overload-duration"):
+        BenchConfig(scenarios=("overload",), overload_duration_s=0)
+    assert BenchConfig(scenarios=("miss-idle", "miss-80", "overload")).miss_concurrency == 32

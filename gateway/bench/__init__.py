@@ -5,11 +5,14 @@ or a built-in Python load generator, and reports calls/s, texts/s, latency
 percentiles, errors, hits per tier (the gateway's own counters) and the summed
 RSS of every process of the stack, with ratios against baselines measured in
 the same run (--compare: gostub, a trivial grpc.aio server, the transformers
-pipeline). Light on purpose: nothing here imports torch; the pipeline
-baseline runs in a child process.
+pipeline). The miss path (miss, miss-idle against one bare forward pass,
+miss-80, overload with a recovery probe) is checked against the issue's
+targets in a PASS/FAIL "targets" section (goals.py). Light on purpose:
+nothing here imports torch; the pipeline and bare forward baselines run in
+child processes.
 
 This module only builds the argument parser and the BenchConfig; the work is
-in runner.py, scenarios in scenarios.py.
+in runner.py, scenarios in scenarios.py and miss_scenarios.py.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, help="gateway worker processes of the started stack "
                    "(default: serve's own default)")
     g.add_argument("--serve-args", default="", metavar="'FLAGS'",
-                   help="more flags for the started `tiergate serve`, e.g. '--quantize --max-wait-ms 2'")
+                   help="more flags for the started `tiergate serve`, e.g. '--quantize off --max-wait-ms 2'")
     g = p.add_argument_group("load")
     g.add_argument("--load", choices=LOAD_CHOICES, default="auto", help="load generator (default: auto = ghz "
                    "on PATH, else grpcload, else the built-in Python one)")
@@ -67,6 +70,14 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--sweep-duration", default="3s", help="per sweep point (default: %(default)s)")
     g.add_argument("--pipeline-texts", type=int, default=1000,
                    help="texts the pipeline baseline scores (default: %(default)s)")
+    g.add_argument("--miss-words", type=int, default=40,
+                   help="at least this many words per text of the miss scenarios and the pipeline baseline, joined from corpus texts "
+                   "(default: %(default)s, about 60 tokens; 0: single corpus texts)")
+    g.add_argument("--miss-concurrency", type=int, default=32,
+                   help="calls in flight in the miss scenario, whose texts/s is the measured miss capacity that "
+                   "miss-80 and overload offer 0.8x and 2x of (default: %(default)s)")
+    g.add_argument("--overload-duration", default="30s",
+                   help="overload: how long 2x the miss capacity is offered (default: %(default)s)")
     g = p.add_argument_group("tools and output")
     g.add_argument("--out", default="bench-out", metavar="DIR",
                    help="where bench.json, the PNG and the servers' logs go (default: %(default)s)")
@@ -88,6 +99,8 @@ def config_from_args(args):
         connections=args.connections, duration_s=parse_duration(args.duration), warmup_s=parse_duration(args.warmup),
         rps=args.rps, out=Path(args.out), compare=args.compare, rps_sweep=parse_rates(args.rps_sweep),
         sweep_duration_s=parse_duration(args.sweep_duration), pipeline_texts=args.pipeline_texts,
+        miss_words=args.miss_words,
+        miss_concurrency=args.miss_concurrency, overload_duration_s=parse_duration(args.overload_duration),
         ghz=args.ghz, grpcload=args.grpcload, gostub=args.gostub,
     )
 

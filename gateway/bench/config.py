@@ -39,7 +39,7 @@ class BenchConfig:
     pid: int | None = None                   # with target: the process tree whose RSS is summed
     model: str | None = None                 # None: the default model
     workers: int | None = None               # None: serve's own default (no --workers flag passed)
-    serve_args: tuple[str, ...] = ()         # extra flags for the serve child, e.g. ("--quantize",)
+    serve_args: tuple[str, ...] = ()         # extra flags for the serve child, e.g. ("--quantize", "off")
     load: str = "auto"
     concurrency: int = 50
     connections: int = 4
@@ -51,6 +51,12 @@ class BenchConfig:
     rps_sweep: tuple[float, ...] = (250, 500, 1000, 2000, 4000, 8000)
     sweep_duration_s: float = 3.0
     pipeline_texts: int = 1000
+    miss_words: int = 40          # at least this many words per miss text (~60 tokens); 0: single corpus texts
+    miss_concurrency: int = 32               # calls in flight in the miss scenario (and the capacity probe)
+    overload_duration_s: float = 30.0
+    overload_concurrency: int = 1000         # the Python generator's workers: never run out of them
+    idle_calls: int = 50                     # miss-idle's measured calls, and the bare forward passes
+    call_timeout_s: float = 20.0             # per-call deadline in miss-80/overload: a call reaching it "hung"
     hit_texts: int = 1000
     zipf_texts: int = 10_000
     zipf_s: float = 1.1
@@ -78,7 +84,11 @@ class BenchConfig:
         elif self.pid is not None:
             raise ValueError(f"--pid {self.pid} only applies with --target (bench knows its own stack's pid)")
         for name, value, low in (("--concurrency", self.concurrency, 1), ("--connections", self.connections, 1),
-                                 ("--pipeline-texts", self.pipeline_texts, 1), ("hit_texts", self.hit_texts, 1),
+                                 ("--pipeline-texts", self.pipeline_texts, 1), ("--miss-words", self.miss_words, 0),
+                                 ("hit_texts", self.hit_texts, 1),
+                                 ("--miss-concurrency", self.miss_concurrency, 1),
+                                 ("overload_concurrency", self.overload_concurrency, 1),
+                                 ("idle_calls", self.idle_calls, 5),
                                  ("zipf_texts", self.zipf_texts, 2)):
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
@@ -91,6 +101,10 @@ class BenchConfig:
                              "each connection needs at least one worker")
         if not self.duration_s > 0:
             raise ValueError(f"--duration must be > 0, got {self.duration_s}s")
+        if not self.overload_duration_s > 0:
+            raise ValueError(f"--overload-duration must be > 0, got {self.overload_duration_s}s")
+        if not self.call_timeout_s > 0:
+            raise ValueError(f"call_timeout_s must be > 0, got {self.call_timeout_s}s")
         if self.warmup_s < 0:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup_s}s")
         if not self.sweep_duration_s > 0:

@@ -41,6 +41,7 @@ class LoadSpec:
     duration_s: float | None = 10.0   # run this long, or
     requests: int | None = None       # send this many
     rps: float | None = None          # open loop at this offered rate; None: closed loop
+    timeout_s: float | None = None    # per-call deadline; None: the generator's own (20 s for both of ours)
 
     def replace(self, **changes) -> LoadSpec:
         return LoadSpec(**{**asdict(self), **changes})
@@ -61,6 +62,12 @@ class LoadResult:
     max_ms: float | None
     offered_rps: float | None
     argv: list[str] = field(default_factory=list)
+    # Only where the generator reports them (the Python one does):
+    error_latency_ms: dict[str, dict[str, float]] | None = None  # code -> p50/p99/max, from the actual send
+    hung: int | None = None           # calls that hit the client deadline or never finished
+    sent: int | None = None           # calls started
+    sent_per_s: float | None = None   # calls started per second of the sending window (open loop: vs offered)
+    send_lag_ms: dict[str, float] | None = None  # actual send minus scheduled send: p50/p99/max
 
     @property
     def error_count(self) -> int:
@@ -124,6 +131,8 @@ class Grpcload(LoadGenerator):
             argv.append("-stream")
         if spec.rps:
             argv += ["-rps", f"{spec.rps:g}"]
+        if spec.timeout_s:
+            argv += ["-timeout", _go_duration(spec.timeout_s)]
         return argv
 
     def parse(self, stdout: str, spec: LoadSpec) -> LoadResult:
@@ -135,6 +144,10 @@ class Grpcload(LoadGenerator):
             p50_ms=_ms_or_none(data, "p50_ms", ok), p90_ms=_ms_or_none(data, "p90_ms", ok),
             p95_ms=_ms_or_none(data, "p95_ms", ok), p99_ms=_ms_or_none(data, "p99_ms", ok),
             max_ms=_ms_or_none(data, "max_ms", ok), offered_rps=spec.rps,
+            error_latency_ms={status_name(k): v for k, v in data["error_latency_ms"].items()}
+            if data.get("error_latency_ms") else None,
+            hung=_int_or_none(data.get("hung")), sent=_int_or_none(data.get("sent")),
+            sent_per_s=data.get("sent_per_s"), send_lag_ms=data.get("send_lag_ms"),
         )
 
 
@@ -163,6 +176,8 @@ class Ghz(LoadGenerator):
         argv = [self.path, "--insecure", "--proto", str(PROTO_FILE), "--call", call, "-D", str(data),
                 "-c", str(min(spec.concurrency, spec.requests or spec.concurrency)),  # ghz refuses n < c
                 "--connections", str(spec.connections), "-O", "json"]
+        if spec.timeout_s:
+            argv += ["-t", f"{max(1, round(spec.timeout_s * 1000))}ms"]
         argv += ["-n", str(spec.requests)] if spec.requests is not None else ["-z", _go_duration(spec.duration_s)]
         return [*argv, address]
 
@@ -197,6 +212,10 @@ def _last_json_line(stdout: str, name: str) -> dict:
         if line.startswith("{"):
             return json.loads(line)
     raise RuntimeError(f"{name} printed no JSON result:\n{stdout[-2000:]}")
+
+
+def _int_or_none(value) -> int | None:
+    return None if value is None else int(value)
 
 
 def _ms_or_none(data: dict, key: str, ok: int) -> float | None:
@@ -245,7 +264,12 @@ def generators(tools: Tools, load: str) -> list[LoadGenerator]:
     return [available[load]] + [g for name, g in available.items() if name != load and name != "ghz"]
 
 
-def pick(gens: list[LoadGenerator], spec: LoadSpec) -> LoadGenerator:
+def pick(gens: list[LoadGenerator], spec: LoadSpec, prefer: str | None = None) -> LoadGenerator:
+    """The first generator that can run spec faithfully; `prefer` (a name) first when it is there."""
+    if prefer is not None:
+        for gen in gens:
+            if gen.name == prefer and gen.supports(spec):
+                return gen
     for gen in gens:
         if gen.supports(spec) and (spec.rps is None or gen.exact_open_loop):
             return gen

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProcInfo", "RssSnapshot", "RssSampler", "Child", "tree_rss", "free_port", "wait_tcp"]
+__all__ = ["ProcInfo", "RssSnapshot", "RssSampler", "OthersCpu", "Child", "tree_rss", "free_port", "wait_tcp"]
 
 READY = re.compile(r"listening on (\S+)")
 
@@ -140,6 +140,46 @@ class RssSampler:
         snap = tree_rss(self.root)
         self.peak_mb = max(self.peak_mb, snap.total_mb)
         return snap
+
+
+def _tree_ticks(root: int) -> dict[int, int]:
+    """CPU ticks (user + system, with reaped children) of root and every process under it."""
+    out = {}
+    for pid in descendants(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        out[pid] = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return out
+
+
+def _busy_ticks() -> int:
+    """user + nice + system ticks of the whole machine (irq, softirq and steal left out)."""
+    with open("/proc/stat", encoding="ascii") as fh:
+        fields = fh.readline().split()
+    return int(fields[1]) + int(fields[2]) + int(fields[3])
+
+
+class OthersCpu:
+    """How many cores the rest of the machine used while bench measured: a
+    shared machine's other work shows up in every figure, and this says how
+    much of it there was. The machine's busy time minus that of bench's own
+    process tree (the stack, the load generators, the baselines: those that
+    exit are counted through the parent that reaps them)."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.t0 = time.monotonic()
+        self.busy0 = _busy_ticks()
+        self.tree0 = _tree_ticks(root)
+
+    def cores(self) -> float:
+        tree = _tree_ticks(self.root)
+        busy = _busy_ticks() - self.busy0
+        elapsed = time.monotonic() - self.t0
+        mine = sum(max(0, n - self.tree0.get(pid, 0)) for pid, n in tree.items())
+        return max(0.0, (busy - mine) / os.sysconf("SC_CLK_TCK") / elapsed) if elapsed > 0 else 0.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -1,7 +1,15 @@
 """The built-in load generator: grpc.aio, the same flags and JSON line as grpcload.
 
     python -m gateway.bench.pyload -addr HOST:PORT -call /pkg.Service/Method -texts FILE [-c 50]
-        [-connections 4] [-n N | -z 10s] [-batch K] [-unique] [-stream] [-rps R]
+        [-connections 4] [-n N | -z 10s] [-batch K] [-unique] [-stream] [-rps R] [-timeout 20s]
+
+Beyond grpcload's fields its JSON line has: error_latency_ms (per status code:
+p50/p99/max of the failed calls, timed from their actual send, so that "how
+fast is a refusal" does not include this generator's own lateness), hung
+(calls that hit -timeout, or were still unfinished -timeout + 10 s after the
+last send), sent, sent_per_s (calls started per second of the sending window:
+with -rps, how close the offered load came to the asked one) and send_lag_ms
+(actual send minus scheduled send).
 
 Used when neither ghz nor grpcload is installed. It runs on the same cores as
 the server it measures and Python's per-call cost is close to the server's
@@ -23,7 +31,17 @@ import grpc
 
 from gateway.bench.config import parse_duration
 
-__all__ = ["main"]
+__all__ = ["main", "percentiles"]
+
+HUNG_GRACE_S = 10.0  # after the last send + the call timeout, whatever is still running counts as hung
+
+
+def percentiles(values: list[float], points=(("p50", 0.50), ("p99", 0.99), ("max", 1.0))) -> dict[str, float]:
+    """Seconds in, milliseconds out (rounded to microseconds): {"p50": .., "p99": .., "max": ..}."""
+    vals = sorted(values)
+    if not vals:
+        return {}
+    return {name: round(vals[int(p * (len(vals) - 1))] * 1000, 3) for name, p in points}
 
 
 def _varint(n: int) -> bytes:
@@ -53,6 +71,11 @@ class Load:
         self.next = 0
         self.latencies: list[float] = []
         self.errors: dict[str, int] = {}
+        self.error_latencies: dict[str, list[float]] = {}
+        self.send_lags: list[float] = []
+        self.sent = 0
+        self.inflight = 0
+        self.last_send = 0.0
         self.start = 0.0
         self.deadline: float | None = None
 
@@ -83,27 +106,43 @@ class Load:
             return None
         return i, now
 
-    def error(self, exc: BaseException) -> None:
+    def error(self, exc: BaseException, sent_at: float | None = None) -> None:
         code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
         self.errors[code] = self.errors.get(code, 0) + 1
+        if sent_at is not None:
+            self.error_latencies.setdefault(code, []).append(time.perf_counter() - sent_at)
+
+    def sending(self, at: float) -> float:
+        now = time.perf_counter()
+        self.sent += 1
+        self.last_send = now
+        self.send_lags.append(max(0.0, now - at))
+        return now
 
     async def unary_worker(self, channel: grpc.aio.Channel) -> None:
         call = channel.unary_unary(self.args.call)  # no serializers: bytes in, bytes out
         while (job := await self.take()) is not None:
             i, at = job
+            request = self.build(i)
+            sent_at = self.sending(at)
+            self.inflight += 1
             try:
-                await call(self.build(i), timeout=self.args.timeout)
+                await call(request, timeout=self.args.timeout)
             except Exception as exc:
-                self.error(exc)
+                self.error(exc, sent_at)
             else:
                 self.latencies.append(time.perf_counter() - at)
+            finally:
+                self.inflight -= 1
 
     async def stream_worker(self, channel: grpc.aio.Channel) -> None:
         stream = channel.stream_stream(self.args.call)()
         try:
             while (job := await self.take()) is not None:
                 i, at = job
-                await stream.write(self.build(i))
+                request = self.build(i)
+                self.sending(at)
+                await stream.write(request)
                 await stream.read()
                 self.latencies.append(time.perf_counter() - at)
             await stream.done_writing()
@@ -121,23 +160,46 @@ class Load:
         for ch in channels:
             await asyncio.wait_for(ch.channel_ready(), 10)
         worker = self.stream_worker if args.stream else self.unary_worker
-        self.start = time.perf_counter()
+        self.start = self.last_send = time.perf_counter()
         if args.z:
             self.deadline = self.start + parse_duration(args.z)
-        await asyncio.gather(*(worker(channels[w % len(channels)]) for w in range(args.c)))
+        tasks = [asyncio.create_task(worker(channels[w % len(channels)])) for w in range(args.c)]
+        unfinished = await self.wait_all(tasks)
         seconds = time.perf_counter() - self.start
         for ch in channels:
             await ch.close()
-        lats = sorted(self.latencies)
+        pct = percentiles(self.latencies, (("p50_ms", 0.50), ("p90_ms", 0.90), ("p95_ms", 0.95),
+                                           ("p99_ms", 0.99), ("max_ms", 1.0)))
+        ok = len(self.latencies)
+        window = (self.deadline - self.start) if self.deadline is not None else (self.last_send - self.start)
+        hung = self.errors.get("DEADLINE_EXCEEDED", 0) + unfinished
+        return {"call": args.call, "ok": ok, "error_count": sum(self.errors.values()), "errors": self.errors,
+                "seconds": seconds, "rps": ok / seconds, "texts_per_s": ok * args.batch / seconds,
+                **{k: pct.get(k, 0.0) for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")},
+                "c": args.c, "connections": args.connections, "batch": args.batch,
+                "offered_rps": args.rps, "stream": args.stream, "timeout_s": args.timeout,
+                "error_latency_ms": {code: percentiles(v) for code, v in sorted(self.error_latencies.items())},
+                "hung": hung, "unfinished": unfinished, "sent": self.sent,
+                "sent_per_s": self.sent / window if window > 0 else None, "send_lag_ms": percentiles(self.send_lags)}
 
-        def pct(p: float) -> float:
-            return round(lats[int(p * (len(lats) - 1))] * 1000, 3) if lats else 0.0
-
-        return {"call": args.call, "ok": len(lats), "error_count": sum(self.errors.values()), "errors": self.errors,
-                "seconds": seconds, "rps": len(lats) / seconds, "texts_per_s": len(lats) * args.batch / seconds,
-                "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p95_ms": pct(0.95), "p99_ms": pct(0.99),
-                "max_ms": pct(1.0), "c": args.c, "connections": args.connections, "batch": args.batch,
-                "offered_rps": args.rps, "stream": args.stream}
+    async def wait_all(self, tasks: list[asyncio.Task]) -> int:
+        """Waits for every worker; a call still running -timeout + HUNG_GRACE_S
+        after the last send is cancelled and counted (returns how many)."""
+        pending = set(tasks)
+        while pending:
+            if self.deadline is not None and time.perf_counter() < self.deadline:
+                limit = self.deadline - time.perf_counter() + self.args.timeout + HUNG_GRACE_S
+            else:
+                limit = max(0.0, self.last_send + self.args.timeout + HUNG_GRACE_S - time.perf_counter())
+            _, pending = await asyncio.wait(pending, timeout=limit)
+            if pending and (self.deadline is None or time.perf_counter() >= self.deadline) and \
+                    time.perf_counter() >= self.last_send + self.args.timeout + HUNG_GRACE_S:
+                unfinished = self.inflight
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                return unfinished
+        return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-z", default="")
     p.add_argument("-rps", type=float, default=0.0)
     p.add_argument("-stream", action="store_true")
-    p.add_argument("-timeout", type=float, default=20.0)
+    p.add_argument("-timeout", type=parse_duration, default=20.0, help="per-call deadline, e.g. 20s or 500ms")
     args = p.parse_args(argv)
     print(json.dumps(asyncio.run(Load(args).run())), flush=True)
 

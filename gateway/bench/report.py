@@ -10,7 +10,7 @@ from pathlib import Path
 from gateway.bench.scenarios import OPEN_LOOP_RPS, ScenarioResult
 from gateway.bench.targets import TIER_KEYS
 
-__all__ = ["ratios", "render_table", "write_json", "draw_latency_png", "PNG_NAME"]
+__all__ = ["ratios", "render_table", "write_json", "draw_latency_png", "miss_lines", "PNG_NAME"]
 
 PNG_NAME = "hit_unary_latency.png"
 COLUMNS = ("scenario", "target", "calls/s", "texts/s", "p50 ms", "p95 ms", "p99 ms", "errors", "tier hits",
@@ -41,6 +41,12 @@ def ratios(results: list[ScenarioResult]) -> dict[str, float]:
         "miss_texts_vs_pipeline_texts": _ratio(get("miss", "texts_per_s"), get("pipeline", "texts_per_s")),
         "tiergate_rss_vs_pipeline_rss": _ratio(get("miss", "rss_mb"), get("pipeline", "rss_mb")),
     }
+    idle, m80 = r.get("miss-idle"), r.get("miss-80")
+    if idle is not None and idle.load is not None:
+        bare = idle.extras.get("bare_forward") or {}
+        out["miss_idle_p50_vs_bare_forward_p50"] = _ratio(idle.load.p50_ms, bare.get("p50_ms"))
+    if m80 is not None and m80.load is not None:
+        out["miss_80_p99_vs_p50"] = _ratio(m80.load.p99_ms, m80.load.p50_ms)
     return {k: round(v, 4) for k, v in out.items() if v is not None}
 
 
@@ -80,8 +86,52 @@ def _ratio_cell(res: ScenarioResult, rat: dict[str, float]) -> str:
         "hit-batch": [x("hit_batch_texts_vs_gostub_calls", "gostub calls/s")],
         "miss": [x("miss_texts_vs_pipeline_texts", "pipeline")],
         "pipeline": [x("tiergate_rss_vs_pipeline_rss", "RSS: tiergate/pipeline")],
+        "miss-idle": [x("miss_idle_p50_vs_bare_forward_p50", "bare forward p50")],
+        "miss-80": [f"p99/p50 {rat['miss_80_p99_vs_p50']:.2f}x" if "miss_80_p99_vs_p50" in rat else None],
+        "overload": [_overload_cell(res)],
     }.get(res.name, [])
     return ", ".join(c for c in cells if c)
+
+
+def _overload_cell(res: ScenarioResult) -> str | None:
+    lat = res.extras.get("refused_latency_ms")
+    hung = res.extras.get("hung")
+    parts = [f"refused p99 {_num(lat['p99'])} ms" if lat else None, None if hung is None else f"hung {hung}"]
+    return ", ".join(p for p in parts if p) or None
+
+
+def miss_lines(results: list[ScenarioResult]) -> list[str]:
+    """What the miss-path rows rest on: the capacity they scale from, the bare
+    forward baseline, the overload's offered load and the recovery probe."""
+    r = _by_name(results)
+    out = []
+    for name in ("miss-80", "overload"):
+        res = r.get(name)
+        if res is not None and res.extras.get("capacity_texts_per_s"):
+            out.append(f"miss capacity (closed loop, texts/s) behind miss-80 and overload: "
+                       f"{_num(res.extras['capacity_texts_per_s'])}, from {res.extras.get('capacity_from')}")
+            break
+    idle = r.get("miss-idle")
+    bare = idle.extras.get("bare_forward") if idle else None
+    if bare:
+        out.append(f"bare forward (miss-idle's baseline: inference.model.SequenceClassifier, one text per pass, "
+                   f"{bare['texts']} texts, {bare['dtype']} on {bare['device']}, {bare['torch_threads']} torch "
+                   f"threads): p50 {_num(bare['p50_ms'])} ms, p90 {_num(bare['p90_ms'])} ms, "
+                   f"min {_num(bare['min_ms'])} ms")
+    over = r.get("overload")
+    if over is not None and over.load is not None:
+        ld, ex = over.load, over.extras
+        lag = ld.send_lag_ms or {}
+        out.append(f"overload ({ld.generator}, {ld.seconds:.0f} s, deadline {ex.get('call_timeout_s'):g} s): asked "
+                   f"{_num(ex.get('offered_rps'))}/s, sent {_num(ld.sent_per_s)}/s (send lag p99 "
+                   f"{_num(lag.get('p99'))} ms); served {_num(ld.calls_per_s)}/s (p50 {_num(ld.p50_ms)}, p99 "
+                   f"{_num(ld.p99_ms)} ms); errors {_errors(over)}; peak RSS {_num(over.rss_peak_mb)} MB")
+        rec = ex.get("recovery") or {}
+        if "ok" in rec:
+            out.append(f"recovery after overload ({rec['generator']}, sequential new texts): {rec['ok']} served, "
+                       f"errors {sum(rec['errors'].values())}, p50 {_num(rec['p50_ms'])} ms, "
+                       f"max {_num(rec['max_ms'])} ms")
+    return out
 
 
 def render_table(results: list[ScenarioResult], *, header: list[str], footer: list[str]) -> str:
@@ -119,6 +169,11 @@ def ratio_legend(results: list[ScenarioResult]) -> list[str]:
         out.append("ratio on miss: its texts/s over the pipeline baseline's texts/s (same texts)")
     if "tiergate_rss_vs_pipeline_rss" in rat:
         out.append("ratio on pipeline: tiergate's summed RSS (end of miss) over the pipeline process's RSS")
+    if "miss_idle_p50_vs_bare_forward_p50" in rat:
+        out.append("ratio on miss-idle: its p50 over one bare forward pass's p50 (same model, precision, texts)")
+    if "overload" in _by_name(results):
+        out.append("overload: latencies of served calls from the scheduled send, of refused ones from the actual "
+                   "send; hung = calls that reached the client deadline")
     return out
 
 
@@ -135,14 +190,16 @@ def result_dict(res: ScenarioResult) -> dict:
          "calls_per_s": res.calls_per_s, "texts_per_s": res.texts_per_s,
          "load": asdict(res.load) if res.load else None, "warm": [asdict(w) for w in res.warm],
          "counters": res.counters, "rss": res.rss.as_dict() if res.rss else None, "rss_mb": res.rss_mb,
-         "rss_peak_mb": res.rss_peak_mb, "pipeline": res.pipeline}
+         "rss_peak_mb": res.rss_peak_mb, "pipeline": res.pipeline, "extras": res.extras}
     if res.counters is not None:
         d["tier_hits"] = {label: res.counters.get(key, 0) for label, key in TIER_KEYS}
     return d
 
 
-def write_json(path: Path, doc: dict, results: list[ScenarioResult]) -> Path:
+def write_json(path: Path, doc: dict, results: list[ScenarioResult], checks: list | None = None) -> Path:
     doc = {**doc, "scenarios": [result_dict(r) for r in results], "ratios": ratios(results)}
+    if checks is not None:
+        doc["targets"] = [c.as_dict() for c in checks]
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
     return path
 

@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.bench.config import BenchConfig
+from gateway.bench.goals import check_targets, render_targets
 from gateway.bench.loadgen import Tools, find_tools, generators
+from gateway.bench.procs import OthersCpu
 from gateway.bench.report import (
     PNG_NAME,
     draw_latency_png,
+    miss_lines,
     open_loop_line,
     ratio_legend,
     render_table,
@@ -32,6 +35,7 @@ __all__ = ["run"]
 
 ZIPF_SAMPLES = 200_000       # measured run: more requests than a 10 s run sends, so it never replays itself
 ZIPF_WARM_SAMPLES = 50_000
+NOISY_CORES = 0.25           # other processes using more than this (cores, on average) make a scenario noisy
 BEHIND = 0.85                # a sweep point whose achieved rate is below this share of the offered one is behind
 
 
@@ -48,6 +52,7 @@ def _python_warning(forced: bool) -> str:
 
 def _write_texts(cfg: BenchConfig, workdir: Path, run_tag: str) -> tuple[dict[str, Path], str]:
     sets = make_text_sets(hit=cfg.hit_texts, zipf=cfg.zipf_texts, miss=cfg.pipeline_texts, run_tag=run_tag,
+                          miss_words=cfg.miss_words,
                           seed=cfg.seed)
     files = {
         "hit": write_lines(workdir / "hit.txt", sets.hit),
@@ -112,6 +117,7 @@ class Outcome:
     sweep: dict = field(default_factory=dict)
     target: Target | None = None
     workers_seen: int | None = None   # gateway workers, as GetStats counts them
+    start_stats: dict | None = None   # GetStats before the first scenario
     text_source: str | None = None
     final_stats: dict | None = None
     interrupted: bool = False
@@ -127,18 +133,22 @@ def _measure(cfg: BenchConfig, tools: Tools, gens: list, out: Outcome) -> None:
         if stats is None:
             _log(f"note: {out.target.address} serves no GatewayAdmin.GetStats: tier hits n/a")
         out.workers_seen = stats["workers"] if stats else None
+        out.start_stats = stats
         ctx = BenchContext(config=cfg, gens=gens, workdir=workdir, out=cfg.out, files=files, tiergate=out.target,
-                           log=_log, gostub_path=tools.gostub, workers=out.workers_seen or 1)
+                           log=_log, gostub_path=tools.gostub, workers=out.workers_seen or 1, stats=stats)
         for i, name in enumerate(cfg.scenarios, 1):
             scen = SCENARIOS[name]
             _log(f"[{i}/{len(cfg.scenarios)}] {name}: {scen.about}")
             t0 = time.monotonic()
+            others = OthersCpu(os.getpid())
             try:
                 out.results.append(scen.run(ctx))
             except Exception as exc:  # one broken scenario should not cost the others
                 _log(f"  {name} failed: {exc}")
                 out.results.append(ScenarioResult(name=name, target="-", about=scen.about, error=str(exc)))
-            _log(f"  done in {time.monotonic() - t0:.1f} s")
+            out.results[-1].extras["others_cpu_cores"] = round(others.cores(), 2)
+            _log(f"  done in {time.monotonic() - t0:.1f} s (other processes used "
+                 f"{out.results[-1].extras['others_cpu_cores']:.2f} cores meanwhile)")
         if cfg.rps_sweep and "hit-unary" in cfg.scenarios:
             _log(f"latency sweep: hit-unary open loop at {', '.join(f'{r:g}' for r in sorted(cfg.rps_sweep))} calls/s")
             try:
@@ -160,10 +170,14 @@ def _header(cfg: BenchConfig, out: Outcome, primary) -> list[str]:
     where = "started by bench" if cfg.target is None else "--target"
     if out.workers_seen:
         where += f", {out.workers_seen} gateway worker{'s' if out.workers_seen > 1 else ''}"
+    stats = out.start_stats or {}
+    if stats.get("model"):
+        where += f", model {stats['model']}" + "".join(f" {stats[k]}" for k in ("model_dtype", "model_device")
+                                                         if stats.get(k))
     address = out.target.address if out.target else "?"
     return [f"tiergate bench: {address} ({where}); load generator {primary.name} ({primary.path}); "
-            f"c={cfg.concurrency}, connections={cfg.connections}, {cfg.duration_s:g}s per scenario; "
-            f"{os.cpu_count()} cores", ""]
+            f"c={cfg.concurrency} (miss: {cfg.miss_concurrency}), connections={cfg.connections}, "
+            f"{cfg.duration_s:g}s per scenario; {os.cpu_count()} cores", ""]
 
 
 def _footer(cfg: BenchConfig, out: Outcome, primary, png_msg: str) -> list[str]:
@@ -171,11 +185,22 @@ def _footer(cfg: BenchConfig, out: Outcome, primary, png_msg: str) -> list[str]:
     line = open_loop_line(out.results)
     if line:
         lines.append(line)
+    lines += miss_lines(out.results)
     lines += ratio_legend(out.results)
     if cfg.target is not None and cfg.pid is None:
         lines.append("RSS n/a: with --target, pass --pid PID (the gateway's root process) to sum its process tree")
     if primary.name == "python":
         lines.append(_python_warning(cfg.load == "python"))
+    noisy = [(r.name, r.extras["others_cpu_cores"]) for r in out.results
+             if r.extras.get("others_cpu_cores", 0) > NOISY_CORES]
+    if noisy:
+        lines.append(f"noise: other processes on this {os.cpu_count()}-core machine used on average "
+                     + ", ".join(f"{c:.2f} cores during {n}" for n, c in noisy)
+                     + ": those rows measure the machine's other work too")
+        if any(n == "pipeline" for n, _ in noisy):
+            lines.append("noise and the pipeline: it runs torch from its main thread, where libgomp spin-waits at "
+                         "full count, so other work on the cores slows it far more than the stack (whose model "
+                         "runs in a worker thread): miss vs pipeline from this run overstates tiergate")
     for res in out.results:
         lines += [f"note ({res.name}): {n}" for n in res.notes if not n.startswith("argv:")]
     if out.interrupted:
@@ -198,6 +223,7 @@ def _document(cfg: BenchConfig, out: Outcome, tools: Tools, gens: list) -> dict:
                            "fallbacks": [g.name for g in gens[1:]], "tools": tools.__dict__},
         "target": {"address": target.address, "pid": target.pid, "workers": out.workers_seen, **target.info}
         if target else None,
+        "start_stats": out.start_stats,
         "final_stats": out.final_stats,
         "run_tag": out.run_tag,
         "texts": {"source": out.text_source, "hit": cfg.hit_texts, "zipf_distinct": cfg.zipf_texts,
@@ -220,7 +246,8 @@ def run(cfg: BenchConfig) -> int:
                                f"tiergate hit-unary latency vs offered load ({out.sweep.get('generator')}, "
                                f"c={cfg.concurrency}, conns={cfg.connections}, {cfg.sweep_duration_s:g}s/point, "
                                f"{os.cpu_count()} cores)")
-    json_path = write_json(cfg.out / "bench.json", _document(cfg, out, tools, gens), out.results)
-    footer = _footer(cfg, out, gens[0], png_msg) + [f"wrote {json_path}"]
+    checks = check_targets(out.results, (out.start_stats or {}).get("model_dtype"))
+    json_path = write_json(cfg.out / "bench.json", _document(cfg, out, tools, gens), out.results, checks)
+    footer = _footer(cfg, out, gens[0], png_msg) + [""] + render_targets(checks) + [f"wrote {json_path}"]
     print(render_table(out.results, header=_header(cfg, out, gens[0]), footer=footer), flush=True)
     return 1 if out.interrupted or any(r.error for r in out.results) else 0

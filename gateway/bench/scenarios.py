@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gateway.bench.config import BenchConfig
 from gateway.bench.loadgen import LoadGenerator, LoadResult, LoadSpec, pick
@@ -49,6 +50,7 @@ class ScenarioResult:
     rss: RssSnapshot | None = None           # at the end of the scenario; None: not measurable
     rss_peak_mb: float | None = None
     pipeline: dict | None = None             # the pipeline baseline's own JSON line
+    extras: dict[str, Any] = field(default_factory=dict)  # scenario-specific figures (plain JSON values)
     error: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -80,7 +82,22 @@ class BenchContext:
     log: Callable[[str], None]
     gostub_path: str | None = None
     workers: int = 1              # gateway workers, from GetStats when served
+    stats: dict | None = None     # GetStats at the start (model_dtype, model_device), None when not served
     primed: bool = False
+    miss_capacity: float | None = None  # texts/s of closed-loop misses (the miss scenario, or a probe)
+    miss_capacity_from: str = ""
+
+    def fresh(self, tag: str) -> str:
+        """A new file of miss texts that no earlier scenario sent (each line
+        gets " ~tag"; the generators' -unique numbering restarts at 0 every
+        run, so reusing the miss file would replay its texts): its files key."""
+        key = f"miss-{tag}"
+        if key not in self.files:
+            lines = self.files["miss"].read_text(encoding="utf-8").splitlines()
+            path = self.workdir / f"{key}.txt"
+            path.write_text("".join(f"{line} ~{tag}\n" for line in lines if line), encoding="utf-8")
+            self.files[key] = path
+        return key
 
     def spec(self, method: str, texts: str, **kw) -> LoadSpec:
         cfg = self.config
@@ -109,8 +126,8 @@ class BenchContext:
             runs.append(base.replace(duration_s=None, requests=math.ceil(4 * workers * lines / spec.batch)))
         return runs
 
-    def run_load(self, target: Target, spec: LoadSpec) -> LoadResult:
-        gen = pick(self.gens, spec)
+    def run_load(self, target: Target, spec: LoadSpec, prefer: str | None = None) -> LoadResult:
+        gen = pick(self.gens, spec, prefer)
         self.log(f"  {gen.name}: {_describe(spec)}")
         return gen.run(spec, target.address, self.workdir)
 
@@ -129,18 +146,24 @@ class BenchContext:
             raise RuntimeError(f"priming the hit texts failed: {result.errors}")
         self.primed = True
 
-    def measure(self, name: str, about: str, target: Target, spec: LoadSpec, warm: list[LoadSpec]) -> ScenarioResult:
+    def measure(self, name: str, about: str, target: Target, spec: LoadSpec, warm: list[LoadSpec], *,
+                prefer: str | None = None, then: Callable[[ScenarioResult], None] | None = None) -> ScenarioResult:
+        """Warm runs, then the measured one with the RSS sampled; `then` runs
+        right after it (before the counters are read, so they include it)."""
         res = ScenarioResult(name=name, target=target.name, about=about)
-        res.warm = [self.run_load(target, w) for w in warm]
+        res.warm = [self.run_load(target, w, prefer) for w in warm]
         before = read_settled_stats(target.address) if target.name == "tiergate" else None
         with target.sampler() as sampler:
-            res.load = self.run_load(target, spec)
+            res.load = self.run_load(target, spec, prefer)
             res.rss = sampler.end()
         res.rss_peak_mb = sampler.peak_mb if res.rss else None
+        if then is not None:
+            then(res)
         after = read_settled_stats(target.address) if before is not None else None
         res.counters = counter_diff(before, after)
-        if res.load.generator != self.gens[0].name:
-            res.notes.append(f"ran with {res.load.generator}: {self.gens[0].name} cannot run it the same way")
+        wanted = prefer or self.gens[0].name
+        if res.load.generator != wanted:
+            res.notes.append(f"ran with {res.load.generator}: {wanted} cannot run it the same way")
         return res
 
 
@@ -198,9 +221,16 @@ def hit_stream(ctx: BenchContext, name: str, about: str) -> ScenarioResult:
     return ctx.measure(name, about, ctx.tiergate, spec, ctx.warm_specs(spec, workers=ctx.workers))
 
 
-@scenario("miss", "Classify, every text new (the model scores each)")
+@scenario("miss", "Classify, every text new (the model scores each), --miss-concurrency calls in flight")
 def miss(ctx: BenchContext, name: str, about: str) -> ScenarioResult:
-    return ctx.measure(name, about, ctx.tiergate, ctx.spec(CLASSIFY, "miss", unique=True), [])
+    cfg = ctx.config
+    spec = ctx.spec(CLASSIFY, "miss", unique=True, concurrency=cfg.miss_concurrency,
+                    connections=min(cfg.connections, cfg.miss_concurrency))
+    res = ctx.measure(name, f"Classify, every text new (the model scores each), c={spec.concurrency}",
+                      ctx.tiergate, spec, [])
+    if res.load.texts_per_s > 0 and spec.rps is None:
+        ctx.miss_capacity, ctx.miss_capacity_from = res.load.texts_per_s, "the miss scenario"
+    return res
 
 
 @scenario("zipf", "Classify, texts drawn from Zipf(s) over distinct texts")
@@ -269,3 +299,8 @@ def _model_dir(model: str | None) -> str:
     if not (path / "config.json").is_file():
         raise RuntimeError(f"the default model is not built at {path} (tiergate model build), or pass --model DIR")
     return str(path)
+
+
+# The miss-path scenarios (miss-idle, miss-80, overload) live in their own
+# module; importing it registers them, after the ones above (overload last).
+from gateway.bench import miss_scenarios  # noqa: E402,F401

@@ -79,7 +79,8 @@ def read_stats(address: str) -> dict | None:
                               grpc.StatusCode.DEADLINE_EXCEEDED):
                 return None
             raise
-    return {"counters": dict(reply.counters), "model": reply.model, "workers": reply.workers}
+    return {"counters": dict(reply.counters), "model": reply.model, "workers": reply.workers,
+            "model_dtype": reply.model_dtype, "model_device": reply.model_device}
 
 
 def _answer_counts(stats: dict) -> dict[str, int]:

@@ -82,13 +82,16 @@ class TextSets:
     source: str
 
 
-def make_text_sets(*, hit: int, zipf: int, miss: int, run_tag: str, seed: int) -> TextSets:
+def make_text_sets(*, hit: int, zipf: int, miss: int, run_tag: str, seed: int, miss_words: int = 0) -> TextSets:
     """Three disjoint sets. Shuffled with a fixed seed: the corpus file is
     grouped by topic, and the popular end of a Zipf should not be one topic.
     The zipf and miss texts carry the run's tag so that a gateway that ran an
-    earlier bench (same L2, same Redis) starts them uncached too."""
+    earlier bench (same L2, same Redis) starts them uncached too. With
+    miss_words, each miss text joins corpus texts up to that many words (the
+    miss targets are stated for ~60-token texts: about 45 words)."""
     texts, source = corpus_texts()
-    need = hit + zipf + miss
+    per_miss = max(1, -(-miss_words // 15)) + 1 if miss_words else 1  # tweets here average ~16 words
+    need = hit + zipf + miss * per_miss
     if len(texts) < need:
         extra = generated_texts(need - len(texts), seed)
         source = f"{source} + {len(extra)} generated" if texts else f"{len(extra)} generated sentences ({source})"
@@ -96,8 +99,22 @@ def make_text_sets(*, hit: int, zipf: int, miss: int, run_tag: str, seed: int) -
     random.Random(seed).shuffle(texts)
     hit_set = texts[:hit]
     zipf_set = [f"{t} ~{run_tag}" for t in texts[hit:hit + zipf]]
-    miss_set = [f"{t} ~{run_tag}" for t in texts[hit + zipf:need]]
+    miss_set = [f"{t} ~{run_tag}" for t in _joined(texts[hit + zipf:need], miss_words)[:miss]]
     return TextSets(hit=hit_set, zipf=zipf_set, miss=miss_set, source=source)
+
+
+def _joined(texts: list[str], words: int) -> list[str]:
+    """Consecutive texts joined until each has at least `words` words (0: as they are)."""
+    if not words:
+        return texts
+    out, parts, count = [], [], 0
+    for text in texts:
+        parts.append(text)
+        count += len(text.split())
+        if count >= words:
+            out.append(" ".join(parts))
+            parts, count = [], 0
+    return out
 
 
 def zipf_samples(population: list[str], s: float, count: int, seed: int) -> list[str]:

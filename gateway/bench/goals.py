@@ -1,0 +1,175 @@
+"""The miss path's targets, checked against what this one run measured.
+
+Each check is a measured value, the target and PASS/FAIL (or n/a when a part
+it needs did not run), printed as the "targets" section under the table and
+kept in bench.json. The targets (one run on this 2-core machine, default model):
+
+- miss throughput (c=32, new texts) >= 3x the pipeline baseline's texts/s with
+  the int8 model the stack serves by default, >= 1.8x with quantization off;
+- a single miss at idle: p50 <= 1.5x one bare forward pass of one text;
+- at 80% of the measured miss capacity (open loop): p99 <= 4x p50;
+- overload (2x capacity): refusals (RESOURCE_EXHAUSTED) within 50 ms, no other
+  errors, no call reaching its deadline, and a recovery probe right after that
+  is all served at about the miss-idle latency;
+- the summed RSS of the tiergate processes <= the pipeline process's RSS +
+  150 MB, at the end of miss and at the peak during the overload.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from gateway.bench.scenarios import ScenarioResult
+
+__all__ = ["Check", "check_targets", "render_targets"]
+
+MISS_VS_PIPELINE_INT8 = 3.0
+MISS_VS_PIPELINE_FP32 = 1.8
+IDLE_VS_BARE = 1.5
+MISS_80_TAIL = 4.0
+REFUSAL_MS = 50.0
+RSS_OVER_PIPELINE_MB = 150.0
+RECOVERY_VS_IDLE = 2.0   # "served normally": our reading, p50 within 2x the miss-idle p50
+
+
+@dataclass(frozen=True)
+class Check:
+    key: str
+    what: str
+    value: str              # the measured figure(s), as printed
+    target: str
+    ok: bool | None         # None: not measured in this run (what is missing is in value)
+
+    @property
+    def verdict(self) -> str:
+        return "n/a" if self.ok is None else "PASS" if self.ok else "FAIL"
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "verdict": self.verdict}
+
+
+def _f(x: float | None, unit: str = "") -> str:
+    if x is None:
+        return "-"
+    text = f"{x:,.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
+    return text + unit
+
+
+def _missing(key: str, what: str, target: str, needs: str) -> Check:
+    return Check(key, what, f"not measured (needs {needs})", target, None)
+
+
+def check_targets(results: list[ScenarioResult], model_dtype: str | None) -> list[Check]:
+    r = {res.name: res for res in results if res.error is None}
+    miss, pipe, idle, m80, over = (r.get(n) for n in ("miss", "pipeline", "miss-idle", "miss-80", "overload"))
+    checks: list[Check] = []
+
+    # Throughput against the pipeline loop; the bar depends on the precision the stack serves.
+    if model_dtype == "int8-dynamic":
+        bar, target = MISS_VS_PIPELINE_INT8, f">= {MISS_VS_PIPELINE_INT8:g}x (stack int8-dynamic)"
+    elif model_dtype:
+        bar, target = MISS_VS_PIPELINE_FP32, f">= {MISS_VS_PIPELINE_FP32:g}x (stack {model_dtype}: quantization off)"
+    else:
+        bar, target = None, f">= {MISS_VS_PIPELINE_INT8:g}x int8 / >= {MISS_VS_PIPELINE_FP32:g}x float32"
+    if miss and pipe and miss.texts_per_s and pipe.texts_per_s:
+        ratio = miss.texts_per_s / pipe.texts_per_s
+        value = f"{ratio:.2f}x ({_f(miss.texts_per_s)} vs {_f(pipe.texts_per_s)} texts/s)"
+        checks.append(Check("miss_vs_pipeline", "miss texts/s vs pipeline", value
+                            + ("" if bar else "; stack dtype unknown"), target, ratio >= bar if bar else None))
+    else:
+        checks.append(_missing("miss_vs_pipeline", "miss texts/s vs pipeline", target, "miss + pipeline (--compare)"))
+
+    target = f"<= {IDLE_VS_BARE:g}x"
+    bare = (idle.extras.get("bare_forward") if idle else None) or {}
+    if idle and idle.load and idle.load.p50_ms and bare.get("p50_ms"):
+        ratio = idle.load.p50_ms / bare["p50_ms"]
+        value = f"{ratio:.2f}x ({_f(idle.load.p50_ms)} vs {_f(bare['p50_ms'])} ms, bare {bare.get('dtype')})"
+        checks.append(Check("idle_vs_bare_forward", "miss-idle p50 vs bare forward p50", value, target,
+                            ratio <= IDLE_VS_BARE))
+    else:
+        checks.append(_missing("idle_vs_bare_forward", "miss-idle p50 vs bare forward p50", target,
+                               "miss-idle and its bare forward run"))
+
+    target = f"<= {MISS_80_TAIL:g}x"
+    if m80 and m80.load and m80.load.p50_ms and m80.load.p99_ms:
+        ratio = m80.load.p99_ms / m80.load.p50_ms
+        value = f"{ratio:.2f}x (p99 {_f(m80.load.p99_ms)} / p50 {_f(m80.load.p50_ms)} ms at " \
+                f"{_f(m80.extras.get('offered_rps'))}/s)"
+        checks.append(Check("miss_80_tail", "miss-80 p99 / p50", value, target, ratio <= MISS_80_TAIL))
+    else:
+        checks.append(_missing("miss_80_tail", "miss-80 p99 / p50", target, "miss-80"))
+
+    checks += _overload_checks(over, idle)
+    checks += _rss_checks(miss, over, pipe)
+    return checks
+
+
+def _overload_checks(over: ScenarioResult | None, idle: ScenarioResult | None) -> list[Check]:
+    keys = (("overload_refusals", "overload: RESOURCE_EXHAUSTED latency", f"max <= {REFUSAL_MS:g} ms"),
+            ("overload_errors", "overload: other errors", "0"),
+            ("overload_hung", "overload: hung calls (client deadline)", "0"),
+            ("overload_recovery", "after overload: sequential new texts", "all served, p50 near miss-idle"))
+    if over is None or over.load is None:
+        return [_missing(k, w, t, "overload") for k, w, t in keys]
+    load, ex = over.load, over.extras
+    out = []
+    lat, refused = ex.get("refused_latency_ms") or {}, ex.get("refused", 0)
+    served = f"served {_f(load.calls_per_s)}/s of {_f(ex.get('offered_rps'))}/s offered"
+    if refused and lat:
+        value = f"{refused} refused: p50 {_f(lat.get('p50'))} / p99 {_f(lat.get('p99'))} / max {_f(lat.get('max'))} ms"
+        out.append(Check(keys[0][0], keys[0][1], value, keys[0][2], lat.get("max", 1e9) <= REFUSAL_MS))
+    else:
+        out.append(Check(keys[0][0], keys[0][1], f"none refused ({served})", keys[0][2], None))
+    other = ex.get("other_errors") or {}
+    value = (" ".join(f"{k}={v}" for k, v in sorted(other.items())) or "0") + f" ({served})"
+    out.append(Check(keys[1][0], keys[1][1], value, keys[1][2], not other and load.ok > 0))
+    hung = ex.get("hung")
+    out.append(Check(keys[2][0], keys[2][1], "unknown (generator does not report it)" if hung is None else
+                     f"{hung} (deadline {_f(ex.get('call_timeout_s'))} s)", keys[2][2],
+                     None if hung is None else hung == 0))
+    rec = ex.get("recovery") or {}
+    if "ok" not in rec:
+        out.append(Check(keys[3][0], keys[3][1], f"probe failed: {rec.get('error', 'did not run')}", keys[3][2], False))
+    else:
+        errors = sum(rec["errors"].values())
+        idle_p50 = idle.load.p50_ms if idle and idle.load else None
+        value = f"{rec['ok']}/{rec['ok'] + errors} served, p50 {_f(rec['p50_ms'])} ms"
+        ok = errors == 0 and rec["ok"] > 0
+        target = keys[3][2]
+        if idle_p50 and rec["p50_ms"] is not None:
+            value += f" vs miss-idle {_f(idle_p50)} ms"
+            target = f"all served, p50 <= {RECOVERY_VS_IDLE:g}x miss-idle"
+            ok = ok and rec["p50_ms"] <= RECOVERY_VS_IDLE * idle_p50
+        out.append(Check(keys[3][0], keys[3][1], value, target, ok))
+    return out
+
+
+def _rss_checks(miss: ScenarioResult | None, over: ScenarioResult | None, pipe: ScenarioResult | None) -> list[Check]:
+    target = f"<= pipeline + {RSS_OVER_PIPELINE_MB:g} MB"
+    pipe_mb = pipe.rss_mb if pipe else None
+    out = []
+    for key, what, res, mb in (
+        ("rss_miss", "RSS: tiergate at the end of miss", miss, miss.rss_mb if miss else None),
+        ("rss_miss_peak", "RSS: tiergate peak during miss", miss, miss.rss_peak_mb if miss else None),
+        ("rss_overload_peak", "RSS: tiergate peak during overload", over, over.rss_peak_mb if over else None),
+    ):
+        if res is None or not mb or not pipe_mb:
+            needs = ("miss" if "miss" in key else "overload") + " + pipeline (--compare), RSS measurable"
+            out.append(_missing(key, what, target, needs))
+            continue
+        diff = mb - pipe_mb
+        out.append(Check(key, what, f"{'+' if diff >= 0 else ''}{diff:,.0f} MB ({mb:,.0f} vs {pipe_mb:,.0f} MB)",
+                         target, diff <= RSS_OVER_PIPELINE_MB))
+    return out
+
+
+def render_targets(checks: list[Check]) -> list[str]:
+    if not checks:
+        return []
+    w = [max(len(c.what) for c in checks), max(len(c.value) for c in checks), max(len(c.target) for c in checks)]
+    lines = ["targets (this run; the issue's bars):"]
+    for c in checks:
+        lines.append(f"  {c.verdict:<4}  {c.what:<{w[0]}}  {c.value:<{w[1]}}  target {c.target}".rstrip())
+    counts = {v: sum(c.verdict == v for c in checks) for v in ("PASS", "FAIL", "n/a")}
+    lines.append("  " + ", ".join(f"{n} {v}" for v, n in counts.items() if n))
+    return lines
