@@ -70,7 +70,7 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--sweep-duration", default="3s", help="per sweep point (default: %(default)s)")
     g.add_argument("--pipeline-texts", type=int, default=1000,
                    help="texts the pipeline baseline scores (default: %(default)s)")
-    g.add_argument("--miss-words", type=int, default=40,
+    g.add_argument("--miss-words", type=int, default=20,
                    help="at least this many words per text of the miss scenarios and the pipeline baseline, joined from corpus texts "
                    "(default: %(default)s, about 60 tokens; 0: single corpus texts)")
     g.add_argument("--miss-concurrency", type=int, default=32,

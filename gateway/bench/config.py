@@ -51,7 +51,7 @@ class BenchConfig:
     rps_sweep: tuple[float, ...] = (250, 500, 1000, 2000, 4000, 8000)
     sweep_duration_s: float = 3.0
     pipeline_texts: int = 1000
-    miss_words: int = 40          # at least this many words per miss text (~60 tokens); 0: single corpus texts
+    miss_words: int = 20          # at least this many words per miss text (tweets: ~60 tokens); 0: single corpus texts
     miss_concurrency: int = 32               # calls in flight in the miss scenario (and the capacity probe)
     overload_duration_s: float = 30.0
     overload_concurrency: int = 1000         # the Python generator's workers: never run out of them
