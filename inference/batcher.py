@@ -90,6 +90,8 @@ class DynamicBatcher:
         self._task: asyncio.Task | None = None
         self._forward: asyncio.Task | None = None
         self._texts_per_s = 0.0  # measured model speed (EWMA); 0 until the first batch
+        self._gap_s = 0.0  # time between arrivals (EWMA); 0 at start: assume company comes
+        self._last_arrival: float | None = None
         self.counters: Counter[str] = Counter()
 
     @property
@@ -131,6 +133,9 @@ class DynamicBatcher:
                 f"(limit {self.config.max_queue_wait_s:g} s)"
             )
         now = loop.time()
+        if self._last_arrival is not None:
+            self._gap_s = 0.7 * self._gap_s + 0.3 * min(now - self._last_arrival, 10.0)
+        self._last_arrival = now
         future = loop.create_future()
         deadline = now + timeout if timeout else None
         self._queue.append(_Waiting(text, estimate_tokens(text), future, deadline, now))
@@ -150,6 +155,9 @@ class DynamicBatcher:
             if len(self._queue) < cfg.max_batch:
                 self._full.clear()
                 delay = self._queue[0].arrived + cfg.max_wait_s - loop.time()
+                model_idle = self._forward is None or self._forward.done()
+                if model_idle and self._gap_s > cfg.max_wait_s:
+                    delay = 0  # texts arrive further apart than the window: waiting only adds latency
                 if delay > 0:  # the first text waits a little for company
                     try:
                         await asyncio.wait_for(self._full.wait(), delay)

@@ -201,3 +201,19 @@ def test_queue_is_bounded_by_the_wait_it_implies():
         await asyncio.gather(*admitted)
 
     run(with_batcher(slow, BatcherConfig(max_batch=4, max_wait_s=0.001, max_queue=1000, max_queue_wait_s=0.5), body))
+
+
+def test_sparse_arrivals_do_not_wait_for_company():
+    async def body(b):
+        loop = asyncio.get_running_loop()
+        took = []
+        for i in range(6):  # one text at a time, far apart: the window never fills
+            start = loop.time()
+            await b.submit(f"alone {i}")
+            took.append(loop.time() - start)
+            await asyncio.sleep(0.3)
+        return took
+
+    took = run(with_batcher(RecordingModel(), BatcherConfig(max_wait_s=0.25), body))
+    assert took[0] >= 0.2  # no history yet: the first waits for company
+    assert max(took[-3:]) < 0.1  # once arrivals are known to be sparse, it goes at once
