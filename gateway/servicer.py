@@ -69,9 +69,10 @@ class ClassifierHandlers:
         if memo.model is not None and memo.model is self.core.inference.model and self.core.held_in_l1(normalized):
             memo.put(request_bytes, answer.entry.label, answer.entry.score)
 
-    def _serialize(self, answer: Answer, model: str) -> bytes:
+    @staticmethod
+    def _response(answer: Answer, model: str) -> classifier_pb2.ClassifyResponse:
         entry = answer.entry
-        return ClassifyResponse(label=entry.label, score=entry.score, tier=int(answer.source), model=model).SerializeToString()
+        return ClassifyResponse(label=entry.label, score=entry.score, tier=int(answer.source), model=model)
 
     async def _fail(self, context, exc: BaseException) -> None:
         self.counters[f"errors_{status_for(exc)[0].name.lower()}"] += 1
@@ -85,7 +86,7 @@ class ClassifierHandlers:
             raise InvalidInput(f"{where}{exc}") from None
         (answer,) = await self.core.classify([text], timeout)
         self._remember(data, text, answer)
-        return self._serialize(answer, self.core.model_display)
+        return self._response(answer, self.core.model_display).SerializeToString()
 
     async def classify(self, data: bytes, context) -> bytes:
         memo = self._current_memo()
@@ -123,10 +124,7 @@ class ClassifierHandlers:
         model = self.core.model_display
         for text, norm, answer in zip(texts, normalized, answers):
             self._remember(unary_request_bytes(text.encode()), norm, answer)
-        return classifier_pb2.ClassifyBatchResponse(
-            results=[ClassifyResponse(label=a.entry.label, score=a.entry.score, tier=int(a.source), model=model)
-                     for a in answers]
-        ).SerializeToString()
+        return classifier_pb2.ClassifyBatchResponse(results=[self._response(a, model) for a in answers]).SerializeToString()
 
     async def classify_stream(self, request_iterator, context):
         # Responses go out in request order, but up to _STREAM_WINDOW requests
