@@ -11,6 +11,7 @@ import sys
 __all__ = ["main", "build_parser"]
 
 from gateway.lifecycle import exit_with_parent, until_signalled
+from inference.model import MAX_AUTO_LANES  # light: torch loads only when a model does
 
 log = logging.getLogger("tiergate")
 
@@ -62,8 +63,13 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", choices=("auto", "on", "off"), default="auto",
                    help="int8 dynamic quantization of Linear layers, CPU only (default: auto = on where the model's "
                    "build measured at most 1 point of held-out accuracy lost, i.e. the built-in model on CPU)")
-    g.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: one per core)")
-    g.add_argument("--max-batch-texts", type=_positive_int, default=16, help="texts per model call (default: %(default)s)")
+    g.add_argument("--lanes", type=_positive_int, default=None,
+                   help="model calls that run at once, each in a thread of its own (default: on a CPU one per core, "
+                   f"at most {MAX_AUTO_LANES}; on CUDA 1)")
+    g.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch threads per lane (default: the cores divided among the lanes)")
+    g.add_argument("--max-batch-texts", type=_positive_int, default=None,
+                   help="texts per model call (default: 4 on a CPU, where less padding beats bigger batches; 64 on CUDA)")
     g.add_argument("--max-batch-tokens", type=_positive_int, default=8192,
                    help="padded tokens per model call (default: %(default)s)")
     g.add_argument("--max-wait-ms", type=float, default=5.0,
@@ -77,12 +83,15 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def _model_args(args) -> list[str]:
     """The model flags of `serve`/`classify`, passed on to the inference child."""
-    out = ["--device", args.device, "--max-batch-texts", str(args.max_batch_texts),
-           "--max-batch-tokens", str(args.max_batch_tokens), "--max-wait-ms", str(args.max_wait_ms),
+    out = ["--device", args.device, "--max-batch-tokens", str(args.max_batch_tokens), "--max-wait-ms", str(args.max_wait_ms),
            "--max-queue", str(args.max_queue), "--max-queue-wait-ms", str(args.max_queue_wait_ms)]
     if args.model:
         out += ["--model", args.model]
     out += ["--quantize", args.quantize]
+    if args.max_batch_texts:
+        out += ["--max-batch-texts", str(args.max_batch_texts)]
+    if args.lanes:
+        out += ["--lanes", str(args.lanes)]
     if args.threads:
         out += ["--threads", str(args.threads)]
     return out
@@ -183,7 +192,7 @@ async def run_inference(args) -> None:
             if await build.wait() != 0:
                 raise RuntimeError("building the default model failed (see above)")
     config = InferenceConfig(
-        model=ModelConfig(source=model, device=args.device, threads=args.threads,
+        model=ModelConfig(source=model, device=args.device, lanes=args.lanes, threads=args.threads,
                           quantize={"auto": None, "on": True, "off": False}[args.quantize]),
         batcher=BatcherConfig(max_batch=args.max_batch_texts, max_tokens=args.max_batch_tokens,
                               max_wait_s=args.max_wait_ms / 1000, max_queue=args.max_queue,
@@ -195,7 +204,7 @@ async def run_inference(args) -> None:
     await server.start()
     info = server.model.info
     print(f"tiergate inference listening on {server.address} (model {info.model_id}@{info.fingerprint}, "
-          f"{info.device}, {info.dtype})", flush=True)
+          f"{info.device}, {info.dtype}, {info.lanes} lane(s) x {info.threads} thread(s))", flush=True)
     try:
         await until_signalled()
     finally:

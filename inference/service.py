@@ -142,7 +142,9 @@ class InferenceServer:
         loop = asyncio.get_running_loop()
         # Loading takes seconds: keep the loop free (and signals handled) meanwhile.
         await loop.run_in_executor(None, self.model.load)
-        self._batcher = DynamicBatcher(self.model.forward, self.config.batcher, prepare_batch=self.model.tokenize)
+        info = self.model.info
+        self._batcher = DynamicBatcher(self.model.forward, self.config.batcher.for_device(info.device),
+                                       prepare_batch=self.model.tokenize, lanes=info.lanes)
         self._batcher.start()
         server = grpc.aio.server(options=SERVER_OPTIONS)
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.model, self._batcher), server)

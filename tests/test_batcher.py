@@ -217,3 +217,50 @@ def test_sparse_arrivals_do_not_wait_for_company():
     took = run(with_batcher(RecordingModel(), BatcherConfig(max_wait_s=0.25), body))
     assert took[0] >= 0.2  # no history yet: the first waits for company
     assert max(took[-3:]) < 0.1  # once arrivals are known to be sparse, it goes at once
+
+
+class ConcurrencyProbe:
+    """A model that records how many of its calls overlap."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.running = self.most = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, texts):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        threading.Event().wait(self.seconds)
+        with self.lock:
+            self.running -= 1
+        return [(t, 1.0) for t in texts]
+
+
+@pytest.mark.parametrize("lanes", [1, 2, 3])
+def test_lanes_bound_how_many_batches_run_at_once(lanes):
+    probe = ConcurrencyProbe(0.05)
+
+    async def body():
+        batcher = DynamicBatcher(probe, BatcherConfig(max_batch=2, max_wait_s=0.001), lanes=lanes)
+        batcher.start()
+        try:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            results = await asyncio.gather(*(batcher.submit(f"t{i}") for i in range(12)))  # 6 batches
+            return results, loop.time() - start
+        finally:
+            await batcher.close()
+
+    results, took = run(body())
+    assert results == [(f"t{i}", 1.0) for i in range(12)]
+    assert probe.most == lanes  # as many at once as there are lanes, never more
+    assert took >= 0.05 * (6 // lanes) * 0.9  # the batches really queued behind the busy lanes
+
+
+def test_default_batch_size_depends_on_the_device():
+    assert BatcherConfig().max_batch is None
+    assert BatcherConfig().for_device("cpu").max_batch == 4
+    assert BatcherConfig().for_device("cuda:0").max_batch == 64
+    assert BatcherConfig(max_batch=7).for_device("cuda").max_batch == 7
+    assert BatcherConfig(max_queue=16).for_device("cuda").max_batch == 16  # never more than the queue holds

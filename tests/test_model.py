@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import inference.model as model_module
 from inference.model import ModelConfig, SequenceClassifier
 
 
@@ -71,3 +72,40 @@ def test_auto_quantization_follows_the_measured_accuracy_loss(tiny_model, tmp_pa
 def test_auto_quantization_is_off_for_models_nobody_measured(tiny_model):
     _, info = load(tiny_model)
     assert info.dtype == "float32"
+
+
+@pytest.mark.parametrize(
+    "cores, device, lanes, threads, expected",
+    [
+        (2, "cpu", None, None, (2, 1)),    # one single-threaded pass per core
+        (8, "cpu", None, None, (4, 2)),    # at most 4 lanes; the cores shared out
+        (8, "cpu", None, 4, (2, 4)),       # threads given: as many lanes as fit
+        (8, "cpu", 3, None, (3, 2)),       # lanes given: their share of the cores
+        (8, "cuda", None, None, (1, 8)),   # one lane feeds a GPU
+        (1, "cpu", None, None, (1, 1)),
+    ],
+)
+def test_lanes_and_threads_are_planned_from_the_cores(monkeypatch, cores, device, lanes, threads, expected):
+    monkeypatch.setattr(model_module, "available_cores", lambda: cores)
+    assert model_module.plan_lanes(device, lanes, threads) == expected
+
+
+def test_each_lane_thread_runs_torch_with_the_planned_thread_count(tiny_model):
+    import threading
+
+    import torch
+
+    model, info = load(tiny_model, lanes=2, threads=1)
+    assert (info.lanes, info.threads) == (2, 1)
+    seen = []
+
+    def lane():
+        model.score(["a text"])
+        seen.append(torch.get_num_threads())
+
+    workers = [threading.Thread(target=lane) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert seen == [1, 1]  # not one thread per core each, which would oversubscribe the cores
