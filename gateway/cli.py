@@ -68,6 +68,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    f"at most {MAX_AUTO_LANES}; on CUDA 1)")
     g.add_argument("--threads", type=_positive_int, default=None,
                    help="torch threads per lane (default: the cores divided among the lanes)")
+    g.add_argument("--model-nice", type=int, default=10, choices=range(0, 20), metavar="0..19",
+                   help="how much nicer than the rest of the inference process the model's threads run, so that "
+                   "answering calls never waits behind a forward pass; 0: same priority (default: %(default)s)")
     g.add_argument("--max-batch-texts", type=_positive_int, default=None,
                    help="texts per model call (default: 4 on a CPU, where less padding beats bigger batches; 64 on CUDA)")
     g.add_argument("--max-batch-tokens", type=_positive_int, default=8192,
@@ -76,7 +79,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="how long a batch waits for more texts after its first (default: %(default)s)")
     g.add_argument("--max-queue", type=_positive_int, default=2048,
                    help="texts waiting for the model; more: RESOURCE_EXHAUSTED (default: %(default)s)")
-    g.add_argument("--max-queue-wait-ms", type=_positive_int, default=2000,
+    g.add_argument("--max-queue-wait-ms", type=_positive_int, default=1000,
                    help="or when the queue holds this much model time at the measured speed: RESOURCE_EXHAUSTED "
                    "(default: %(default)s)")
 
@@ -92,6 +95,7 @@ def _model_args(args) -> list[str]:
         out += ["--max-batch-texts", str(args.max_batch_texts)]
     if args.lanes:
         out += ["--lanes", str(args.lanes)]
+    out += ["--model-nice", str(args.model_nice)]
     if args.threads:
         out += ["--threads", str(args.threads)]
     return out
@@ -192,7 +196,7 @@ async def run_inference(args) -> None:
             if await build.wait() != 0:
                 raise RuntimeError("building the default model failed (see above)")
     config = InferenceConfig(
-        model=ModelConfig(source=model, device=args.device, lanes=args.lanes, threads=args.threads,
+        model=ModelConfig(source=model, device=args.device, lanes=args.lanes, threads=args.threads, nice=args.model_nice,
                           quantize={"auto": None, "on": True, "off": False}[args.quantize]),
         batcher=BatcherConfig(max_batch=args.max_batch_texts, max_tokens=args.max_batch_tokens,
                               max_wait_s=args.max_wait_ms / 1000, max_queue=args.max_queue,

@@ -57,7 +57,11 @@ class BatcherConfig:
     max_tokens: int = 8192     # padded tokens per model call (batch size x longest text)
     max_wait_s: float = 0.005  # how long the first text of a batch waits for company
     max_queue: int = 2048      # texts waiting; beyond this submit() fails with QueueFull
-    max_queue_wait_s: float = 2.0  # or when the queue already holds this much model time
+    # Or when the queue already holds this much model time. Under 2x overload
+    # on 2 cores, 1 s (vs 2 s) served more (149 vs 115 texts/s), at p99 1.8 s
+    # (vs 3.7 s), and kept refusals faster (max 29 vs 57 ms): fewer calls in
+    # flight leave less for the gateway's garbage collector to walk.
+    max_queue_wait_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_batch is not None and self.max_batch < 1:

@@ -8,6 +8,7 @@ matched by id.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from dataclasses import dataclass
 
@@ -156,6 +157,10 @@ class InferenceServer:
         for name in ("", SERVICE_NAME):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
+        # The model, torch and transformers live as long as the process: keep
+        # them out of the collector's full passes (as the gateway does).
+        gc.collect()
+        gc.freeze()
 
     @property
     def address(self) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import threading
+
 import pytest
 
 import inference.model as model_module
@@ -91,17 +94,16 @@ def test_lanes_and_threads_are_planned_from_the_cores(monkeypatch, cores, device
 
 
 def test_each_lane_thread_runs_torch_with_the_planned_thread_count(tiny_model):
-    import threading
-
     import torch
 
-    model, info = load(tiny_model, lanes=2, threads=1)
+    model, info = load(tiny_model, lanes=2, threads=1, nice=3)
     assert (info.lanes, info.threads) == (2, 1)
-    seen = []
+    seen, niceness = [], []
 
     def lane():
         model.score(["a text"])
         seen.append(torch.get_num_threads())
+        niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
 
     workers = [threading.Thread(target=lane) for _ in range(2)]
     for w in workers:
@@ -109,3 +111,6 @@ def test_each_lane_thread_runs_torch_with_the_planned_thread_count(tiny_model):
     for w in workers:
         w.join()
     assert seen == [1, 1]  # not one thread per core each, which would oversubscribe the cores
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert niceness == [min(19, base + 3)] * 2  # the model yields cores to the threads answering calls
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # only the lanes
