@@ -63,6 +63,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", choices=("auto", "on", "off"), default="auto",
                    help="int8 dynamic quantization of Linear layers, CPU only (default: auto = on where the model's "
                    "build measured at most 1 point of held-out accuracy lost, i.e. the built-in model on CPU)")
+    g.add_argument("--torchscript", choices=("auto", "on", "off"), default="auto",
+                   help="serve a frozen TorchScript graph of the model, checked against the model at load (default: "
+                   "auto = on a CPU, falling back to the model itself if the check fails; on: fail instead)")
     g.add_argument("--lanes", type=_positive_int, default=None,
                    help="model calls that run at once, each in a thread of its own (default: on a CPU one per core, "
                    f"at most {MAX_AUTO_LANES}; on CUDA 1)")
@@ -84,13 +87,16 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    "(default: %(default)s)")
 
 
+_AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
+
+
 def _model_args(args) -> list[str]:
     """The model flags of `serve`/`classify`, passed on to the inference child."""
     out = ["--device", args.device, "--max-batch-tokens", str(args.max_batch_tokens), "--max-wait-ms", str(args.max_wait_ms),
            "--max-queue", str(args.max_queue), "--max-queue-wait-ms", str(args.max_queue_wait_ms)]
     if args.model:
         out += ["--model", args.model]
-    out += ["--quantize", args.quantize]
+    out += ["--quantize", args.quantize, "--torchscript", args.torchscript]
     if args.max_batch_texts:
         out += ["--max-batch-texts", str(args.max_batch_texts)]
     if args.lanes:
@@ -197,7 +203,7 @@ async def run_inference(args) -> None:
                 raise RuntimeError("building the default model failed (see above)")
     config = InferenceConfig(
         model=ModelConfig(source=model, device=args.device, lanes=args.lanes, threads=args.threads, nice=args.model_nice,
-                          quantize={"auto": None, "on": True, "off": False}[args.quantize]),
+                          quantize=_AUTO_ON_OFF[args.quantize], torchscript=_AUTO_ON_OFF[args.torchscript]),
         batcher=BatcherConfig(max_batch=args.max_batch_texts, max_tokens=args.max_batch_tokens,
                               max_wait_s=args.max_wait_ms / 1000, max_queue=args.max_queue,
                               max_queue_wait_s=args.max_queue_wait_ms / 1000),
@@ -208,7 +214,7 @@ async def run_inference(args) -> None:
     await server.start()
     info = server.model.info
     print(f"tiergate inference listening on {server.address} (model {info.model_id}@{info.fingerprint}, "
-          f"{info.device}, {info.dtype}, {info.lanes} lane(s) x {info.threads} thread(s))", flush=True)
+          f"{info.device}, {info.dtype}, {info.graph}, {info.lanes} lane(s) x {info.threads} thread(s))", flush=True)
     try:
         await until_signalled()
     finally:

@@ -68,11 +68,22 @@ class Processes:
             proc.kill()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if call.when == "call":
+        item.call_failed = outcome.get_result().failed
+
+
 @pytest.fixture
-def procs(cache_dir):
+def procs(cache_dir, request):
     processes = Processes(cache_dir)
     yield processes
     processes.close()
+    if getattr(request.node, "call_failed", False):  # pytest shows this as the test's captured teardown output
+        for proc in processes.started:
+            print(f"----- tiergate {' '.join(proc.args[:1])}: last lines of its log -----")
+            print("".join(proc.output[-60:]), end="")
 
 
 class Client:

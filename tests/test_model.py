@@ -114,3 +114,26 @@ def test_each_lane_thread_runs_torch_with_the_planned_thread_count(tiny_model):
     base = os.getpriority(os.PRIO_PROCESS, 0)
     assert niceness == [min(19, base + 3)] * 2  # the model yields cores to the threads answering calls
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # only the lanes
+
+
+def test_torchscript_serves_the_same_answers_as_the_model(tiny_model):
+    traced, traced_info = load(tiny_model)  # auto: on a CPU
+    eager, eager_info = load(tiny_model, torchscript=False)
+    assert (traced_info.graph, eager_info.graph) == ("torchscript", "eager")
+    assert traced_info.fingerprint == eager_info.fingerprint  # same weights, so the same cache keys
+    batches = [["x"], ["a short text", "a much longer text than the first one, with more words in it"],
+               [f"text {i} " * (i + 1) for i in range(7)], ["long " * 600]]  # the last is truncated at max_length
+    for texts in batches:
+        for (label, score), (want_label, want_score) in zip(traced.score(texts), eager.score(texts)):
+            assert label == want_label and score == pytest.approx(want_score, abs=1e-5)
+
+
+def test_a_traced_graph_that_fails_its_check_is_not_served(tiny_model, monkeypatch, caplog):
+    import inference.torchscript as torchscript
+
+    monkeypatch.setattr(torchscript, "MAX_LOGIT_DIFF", -1.0)  # no graph can pass the check now
+    _, info = load(tiny_model)
+    assert info.graph == "eager"
+    assert "serving the model without TorchScript: the traced graph's logits differ" in caplog.text
+    with pytest.raises(RuntimeError, match="--torchscript on: the traced graph's logits differ"):
+        load(tiny_model, torchscript=True)
