@@ -243,14 +243,14 @@ class SequenceClassifier:
         if cfg.torchscript or (cfg.torchscript is None and device == "cpu"):
             from inference.torchscript import trace_logits
 
-            traced, why_not = trace_logits(model, tokenizer, device, cfg.max_length)
-            if traced is not None:  # the frozen graph holds its own weights: the eager model goes
+            traced, why_not = trace_logits(model, self.tokenize, device)
+            if traced is not None:
                 self._logits, graph = traced, "torchscript"
             elif cfg.torchscript:
                 raise RuntimeError(f"--torchscript on: {why_not}; use --torchscript off")
             else:
                 log.warning("serving the model without TorchScript: %s", why_not)
-        del model  # what serves it is in self._logits
+        del model  # self._logits holds what serves it
         # The float32 model quantization replaced sits in reference cycles
         # until the collector runs: free it now, then hand its pages back, so
         # that the trim ceiling below starts from what serving really holds.

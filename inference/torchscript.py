@@ -16,14 +16,12 @@ Only this module imports torch for it; the gateway never loads it.
 
 from __future__ import annotations
 
-import logging
 import warnings
+from typing import Callable
 
 import torch
 
 __all__ = ["trace_logits", "TracedLogits"]
-
-log = logging.getLogger(__name__)
 
 # Tracing example: two texts of different lengths, so the padding path is what gets recorded.
 _EXAMPLE = ["a short text", "a somewhat longer text, so that the batch holds some padding for the mask"]
@@ -60,12 +58,13 @@ class _LogitsOnly(torch.nn.Module):
         return self.model(**dict(zip(self.input_names, tensors)), return_dict=False)[0]
 
 
-def trace_logits(model, tokenizer, device: str, max_length: int) -> tuple[TracedLogits | None, str]:
-    """(the traced model, "") when it matches the eager model on every probe, else (None, why not)."""
+def trace_logits(model, tokenize: Callable[[list[str]], dict], device: str) -> tuple[TracedLogits | None, str]:
+    """(the traced model, "") when it matches the eager model on every probe, else (None, why not).
+
+    `tokenize` is the serving tokenizer call (padding, truncation at max_length)."""
 
     def encode(texts: list[str]) -> dict:
-        enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        return {name: tensor.to(device) for name, tensor in enc.items()}
+        return {name: tensor.to(device) for name, tensor in tokenize(texts).items()}
 
     example = encode(_EXAMPLE)
     input_names = tuple(example)
