@@ -75,6 +75,15 @@ class CircuitBreaker:
             return True
         return False
 
+    def refusing(self) -> bool:
+        """True when allow() would refuse a call now. Changes nothing (no probe
+        is let out), so a caller can skip work before it takes its turn to call."""
+        state = self._state
+        if state is BreakerState.CLOSED:
+            return False
+        since = self._opened_at if state is BreakerState.OPEN else self._probe_at
+        return self._clock() - since < self.cooldown_s
+
     def record_success(self) -> None:
         if self._state is BreakerState.OPEN:
             # A call that went out before the breaker opened: it says nothing

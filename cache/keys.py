@@ -42,3 +42,12 @@ class Keyer:
         h = self._seed.copy()
         h.update(normalized_text.encode("utf-8"))
         return h.digest()
+
+    def key_of_utf8(self, text_utf8: bytes) -> bytes:
+        """key() of a text given as its UTF-8 bytes (the hit path hashes the
+        request's bytes as they came, without decoding them). Equal to
+        key(text) when the bytes are a normalized text; any other bytes give a
+        key no normalized text has, i.e. a miss."""
+        h = self._seed.copy()
+        h.update(text_utf8)
+        return h.digest()

@@ -1,70 +1,11 @@
-"""L1: per-process RAM. A bounded LRU of recent answers, and a Bloom filter of
-the keys held in L2 so that a miss can skip the L2 read."""
+"""The Bloom filter of the keys held in L2, so that a miss can skip the L2 read
+(L1's answers themselves live in cache.l1_memory)."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Sequence
-
 from pybloom_live import BloomFilter
 
-from cache.entry import Entry
-
-__all__ = ["MemoryTier", "KeyFilter"]
-
-
-class MemoryTier:
-    """A bounded LRU of entries: the hit path of the whole gateway.
-
-    The sync get/put are what the hot path uses (no coroutine, no await); the
-    async methods exist so L1 also satisfies the CacheTier contract. Not
-    thread-safe: it belongs to one event loop.
-    """
-
-    name = "l1"
-
-    def __init__(self, max_entries: int) -> None:
-        if max_entries < 1:
-            raise ValueError(f"L1 max_entries must be >= 1, got {max_entries}")
-        self.max_entries = max_entries
-        # Values are plain (label, score) tuples, not Entry objects: the
-        # garbage collector stops tracking such a tuple after its first pass,
-        # whereas every full collection walked each Entry (with 100,000 held:
-        # 5 ms instead of 10 per collection, a stall of every call in the process).
-        self._data: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
-
-    def get(self, key: bytes) -> Entry | None:
-        found = self._data.get(key)
-        if found is None:
-            return None
-        self._data.move_to_end(key)
-        return Entry(*found)
-
-    def put(self, key: bytes, entry: Entry) -> None:
-        data = self._data
-        data[key] = (entry.label, entry.score)
-        data.move_to_end(key)
-        if len(data) > self.max_entries:
-            data.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __contains__(self, key: object) -> bool:
-        # Membership without touching recency (tests, introspection).
-        return key in self._data
-
-    async def get_many(self, keys: Sequence[bytes]) -> list[Entry | None]:
-        get = self.get
-        return [get(k) for k in keys]
-
-    async def put_many(self, items: Sequence[tuple[bytes, Entry]]) -> None:
-        put = self.put
-        for key, entry in items:
-            put(key, entry)
-
-    async def close(self) -> None:
-        self._data.clear()
+__all__ = ["KeyFilter"]
 
 
 def _bloom_key(key: bytes) -> str:
@@ -90,8 +31,10 @@ class KeyFilter:
     Keys that live only in a dropped generation become false negatives: L2 is
     skipped for them although it may still hold them. That costs an L3 read or
     a model call, never a wrong answer, and the next write of the key puts it
-    back. Size `capacity` near the number of entries L2 holds to keep those
-    rare. Not thread-safe: it belongs to one event loop.
+    back. So `capacity` must be at least the number of entries L2 can hold:
+    cache.l2_lmdb.filter_capacity_for(config) derives it from L2's budget,
+    and then a filter warmed from a full L2 holds all of it in its current
+    generation. Not thread-safe: it belongs to one event loop.
     """
 
     __slots__ = ("capacity", "error_rate", "generations", "_current", "_previous")

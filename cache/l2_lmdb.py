@@ -1,12 +1,17 @@
 """L2: an LMDB environment on local disk, shared by every gateway process on a
 host and kept across restarts.
 
-LMDB has no TTL and no size bound, so both are built here: every value carries
-its expiry and write time, an `age` index orders keys oldest-first for
-eviction, and one writer thread per process enforces the byte budget after
-each batch. Reads are inline (microseconds); writes never block the caller.
-Opening, the check/rebuild after an unclean stop and the clean-shutdown
-marker live in cache.l2_recovery.
+It stores opaque value bytes (cache.entry.ValueCodec makes and checks them:
+this module never trusts or parses them). LMDB has no TTL and no size bound,
+so both are built here: every stored value carries an L2 header with its
+expiry and write time, an `age` index orders keys oldest-first for eviction,
+and one writer thread per process enforces the byte budget after each batch.
+Reads are inline (microseconds); writes never block the caller.
+Opening, the checks that move a damaged directory aside and the
+clean-shutdown marker live in cache.l2_recovery. Corruption that liblmdb
+reports while running (damage done after the start's check) makes the reads
+and writes that reach it miss or drop; it is logged once and recorded, and
+the next start moves the file aside.
 """
 
 from __future__ import annotations
@@ -24,20 +29,20 @@ from typing import Callable, Iterator, Sequence
 
 import lmdb
 
-from cache.entry import Entry, decode_entry, encode_entry
-from cache.l2_recovery import CLEAN_SHUTDOWN_MARKER, EnvUse
+from cache.l2_recovery import CLEAN_SHUTDOWN_MARKER, CORRUPTION, EnvUse
 
-__all__ = ["LmdbConfig", "LmdbTier", "CLEAN_SHUTDOWN_MARKER"]
+__all__ = ["LmdbConfig", "LmdbTier", "CLEAN_SHUTDOWN_MARKER", "BYTES_PER_ENTRY", "filter_capacity_for"]
 
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 GiB = 1 << 30
 
-# Value: expires_at (unix seconds), written_at (unix microseconds), then the
-# encoded entry. Microseconds, not seconds, order the age index: with whole
-# seconds, every write of the oldest second would tie and evict in key order,
-# i.e. at random, which matters whenever the cache holds only seconds of writes.
+# Stored value: expires_at (unix seconds), written_at (unix microseconds), then
+# the value bytes handed in. Microseconds, not seconds, order the age index:
+# with whole seconds, every write of the oldest second would tie and evict in
+# key order, i.e. at random, which matters whenever the cache holds only
+# seconds of writes.
 _HEADER = struct.Struct("<IQ")
 _AGE = struct.Struct(">Q")  # big-endian written_at, so the age index sorts oldest-first
 _US = 1_000_000
@@ -45,13 +50,32 @@ _U32_MAX = 2**32 - 1
 _BATCH = 512  # items per write transaction
 _EXPIRE_PER_PASS = 1024  # expired entries removed per write batch / idle tick
 _SCAN_CHUNK = 10_000  # keys per read transaction when scanning
+_DBS = (b"entries", b"age")
 
 # Eviction (see _enforce_budget): start above 95% of the budget, aim for 90%.
 _HIGH_WATER = 0.95
 _LOW_WATER = 0.90
 
+# Bytes of pages in use per entry, both B-trees included, with 16-byte keys
+# and ValueCodec values (26 bytes + the label) behind the 12-byte header,
+# measured here: 162 (1-byte labels) to 174 ("positive") when the budget is
+# first reached, the densest L2 gets; then ~200 as eviction leaves holes. So
+# the default 512 MiB holds at most about 3.3M entries. Rounded down, so that
+# estimates of how many entries L2 holds err high.
+BYTES_PER_ENTRY = 150
+
 _STOP = object()
 _WAKE = object()
+
+
+def _expires(stored: bytes) -> int:
+    # A stored value too short for its header is damage: treat it as expired,
+    # so that expiry removes it instead of stalling on it.
+    return _HEADER.unpack_from(stored)[0] if len(stored) >= _HEADER.size else 0
+
+
+def _written_us(stored: bytes) -> int:
+    return _HEADER.unpack_from(stored)[1] if len(stored) >= _HEADER.size else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +111,14 @@ class LmdbConfig:
             raise ValueError(f"L2 max_pending_writes must be >= 1, got {self.max_pending_writes}")
 
 
+def filter_capacity_for(config: LmdbConfig) -> int:
+    """Keys per KeyFilter generation for an L2 of this budget: about as many
+    entries as the budget holds, so that a filter warmed from a full L2
+    remembers all of it in one generation (and, with the previous one, every
+    key written since)."""
+    return max(1000, math.ceil(config.max_bytes / BYTES_PER_ENTRY))
+
+
 class LmdbTier:
     """The L2 tier. Open one per process per directory, after the process has
     started (an LMDB environment does not survive fork)."""
@@ -99,7 +131,7 @@ class LmdbTier:
         self.path = os.path.abspath(os.fspath(config.path))
         self.counters: dict[str, int] = dict.fromkeys(
             ("hits", "misses", "writes", "evicted", "expired", "rebuilt",
-             "write_errors", "read_errors", "dropped"), 0)  # fmt: skip
+             "write_errors", "read_errors", "dropped", "forgotten", "damaged"), 0)  # fmt: skip
         self._logged: set[str] = set()
         self._pending = 0
         self._pending_lock = threading.Lock()
@@ -108,17 +140,17 @@ class LmdbTier:
         self._gate = threading.Lock()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
+        self._damage_seen = False
         self._resize_needed = False
         self._close_lock = threading.Lock()
 
         self._use = EnvUse(self.path)  # refuses a directory already open in this process
         env = None
         try:
-            self._env = env = self._use.open(self.config.map_size)
+            env, (self._entries, self._age) = self._use.open(self.config.map_size, _DBS)
+            self._env = env
             if self._use.rebuilt:
                 self.counters["rebuilt"] += 1
-            self._entries = env.open_db(b"entries")
-            self._age = env.open_db(b"age")
             self._main = env.open_db(None)
             self._psize = env.stat()["psize"]
         except BaseException:
@@ -154,22 +186,27 @@ class LmdbTier:
 
     # -- reads ----------------------------------------------------------------
 
-    def get_many_sync(self, keys: Sequence[bytes]) -> list[Entry | None]:
-        out: list[Entry | None] = [None] * len(keys)
+    def get_many_sync(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """The stored value bytes of each key; None when absent or expired by
+        L2's own clock. The bytes are untrusted: decode them with ValueCodec,
+        and forget_nowait() the keys whose values fail."""
+        out: list[bytes | None] = [None] * len(keys)
         if self._closed or not keys:
             return out
         now = self.clock()
+        size = _HEADER.size
         try:
             with self._gate, self._env.begin(db=self._entries, buffers=False) as txn:
                 get = txn.get
                 for i, key in enumerate(keys):
-                    value = get(key)
-                    if value is None:
+                    stored = get(key)
+                    if stored is None:
                         continue
-                    expires_at, _written_at = _HEADER.unpack_from(value)
-                    if expires_at <= now:
-                        continue  # expired: a miss; the writer removes it later
-                    out[i] = decode_entry(value[_HEADER.size :])
+                    if len(stored) < size:
+                        out[i] = stored  # damaged: the codec refuses it, and the caller forgets it
+                    elif _HEADER.unpack_from(stored)[0] > now:
+                        out[i] = stored[size:]
+                    # else expired: a miss; the writer removes it later
         except lmdb.MapResizedError:
             # Another process grew the map. Resizing needs no transaction of
             # this process open, which only the writer can arrange: ask it, and
@@ -177,16 +214,15 @@ class LmdbTier:
             self._resize_needed = True
             self._queue.put(_WAKE)
             out = [None] * len(keys)
-        except (lmdb.Error, ValueError, struct.error) as exc:
-            self.counters["read_errors"] += 1
-            self._log_once("read", exc)
+        except lmdb.Error as exc:
+            self._read_failed("read", exc)
             out = [None] * len(keys)
-        hits = sum(e is not None for e in out)
+        hits = sum(v is not None for v in out)
         self.counters["hits"] += hits
         self.counters["misses"] += len(keys) - hits
         return out
 
-    async def get_many(self, keys: Sequence[bytes]) -> list[Entry | None]:
+    async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         # Inline, not in a thread: an LMDB read is a few microseconds, far less
         # than a hop to an executor.
         return self.get_many_sync(keys)
@@ -194,22 +230,27 @@ class LmdbTier:
     def iter_keys(self) -> Iterator[bytes]:
         """Every live (unexpired) key, e.g. to warm the KeyFilter at start.
         Reads in chunks, each in a short transaction: a long-lived reader would
-        stop LMDB from reusing freed pages."""
+        stop LMDB from reusing freed pages. Stops early (logged, counted) if
+        liblmdb reports the file damaged."""
         after: bytes | None = None
         while not self._closed:
             chunk: list[bytes] = []
             now = self.clock()
-            with self._gate, self._env.begin(db=self._entries, buffers=False) as txn:
-                cur = txn.cursor()
-                found = cur.set_range(after) if after is not None else cur.first()
-                if found and after is not None and cur.key() == after:
-                    found = cur.next()
-                while found and len(chunk) < _SCAN_CHUNK:
-                    key, value = cur.item()
-                    if _HEADER.unpack_from(value)[0] > now:
-                        chunk.append(key)
-                    after = key
-                    found = cur.next()
+            try:
+                with self._gate, self._env.begin(db=self._entries, buffers=False) as txn:
+                    cur = txn.cursor()
+                    found = cur.set_range(after) if after is not None else cur.first()
+                    if found and after is not None and cur.key() == after:
+                        found = cur.next()
+                    while found and len(chunk) < _SCAN_CHUNK:
+                        key, stored = cur.item()
+                        if _expires(stored) > now:
+                            chunk.append(key)
+                        after = key
+                        found = cur.next()
+            except lmdb.Error as exc:
+                self._read_failed("scan", exc)
+                found = False
             yield from chunk
             if not found:
                 return
@@ -223,15 +264,18 @@ class LmdbTier:
         keys: list[bytes] = []
         if self._closed:
             return keys, after
-        with self._gate, self._env.begin(db=self._age, buffers=False) as txn:
-            cur = txn.cursor()
-            found = cur.set_range(after if after is not None else _AGE.pack(max(0, int(since * _US))))
-            if found and after is not None and cur.key() == after:
-                found = cur.next()
-            while found and len(keys) < limit:
-                after = cur.key()
-                keys.append(after[_AGE.size :])
-                found = cur.next()
+        try:
+            with self._gate, self._env.begin(db=self._age, buffers=False) as txn:
+                cur = txn.cursor()
+                found = cur.set_range(after if after is not None else _AGE.pack(max(0, int(since * _US))))
+                if found and after is not None and cur.key() == after:
+                    found = cur.next()
+                while found and len(keys) < limit:
+                    after = cur.key()
+                    keys.append(after[_AGE.size :])
+                    found = cur.next()
+        except lmdb.Error as exc:
+            self._read_failed("age scan", exc)
         return keys, after
 
     def used_bytes(self) -> int:
@@ -246,22 +290,40 @@ class LmdbTier:
 
     # -- writes ---------------------------------------------------------------
 
-    async def put_many(self, items: Sequence[tuple[bytes, Entry]]) -> None:
+    async def put_many(self, items: Sequence[tuple[bytes, bytes, float]]) -> None:
         self.put_many_nowait(items)
 
-    def put_many_nowait(self, items: Sequence[tuple[bytes, Entry]]) -> None:
-        """Queue entries for the writer thread and return at once."""
+    def put_many_nowait(self, items: Sequence[tuple[bytes, bytes, float]]) -> None:
+        """Queue (key, value bytes, expires_at unix seconds) for the writer
+        thread and return at once. L2 keeps each until min(expires_at, now +
+        ttl_s): a value promoted from L3 keeps its remaining lifetime. Items
+        already expired are skipped."""
         if self._closed or not items:
             return
-        encoded = [(key, encode_entry(entry)) for key, entry in items]
+        now = self.clock()
+        todo = [(key, value, expires_at) for key, value, expires_at in items if expires_at > now]
+        self._enqueue(todo)
+
+    def forget_nowait(self, keys: Sequence[bytes]) -> None:
+        """Queue the deletion of these keys (values that failed validation);
+        the writer thread deletes them in order with the writes queued before."""
+        if not self._closed and keys:
+            self._enqueue([(key, None, 0.0) for key in keys])
+
+    async def forget(self, keys: Sequence[bytes]) -> None:
+        self.forget_nowait(keys)
+
+    def _enqueue(self, todo: list[tuple[bytes, bytes | None, float]]) -> None:
+        if not todo:
+            return
         with self._pending_lock:
             room = self.config.max_pending_writes - self._pending
-            if room < len(encoded):
-                self.counters["dropped"] += len(encoded) - max(room, 0)
-                encoded = encoded[: max(room, 0)]
-            self._pending += len(encoded)
-        for start in range(0, len(encoded), _BATCH):
-            self._queue.put(encoded[start : start + _BATCH])
+            if room < len(todo):
+                self.counters["dropped"] += len(todo) - max(room, 0)
+                todo = todo[: max(room, 0)]
+            self._pending += len(todo)
+        for start in range(0, len(todo), _BATCH):
+            self._queue.put(todo[start : start + _BATCH])
 
     def flush(self, timeout: float | None = 5.0) -> bool:
         """Wait until everything queued before this call is written. Returns
@@ -283,7 +345,7 @@ class LmdbTier:
                 item = self._queue.get(timeout=wait)
             except queue.Empty:
                 item = None
-            batch: list[tuple[bytes, bytes]] = []
+            batch: list[tuple[bytes, bytes | None, float]] = []
             events: list[threading.Event] = []
             while item is not None:
                 if item is _STOP:
@@ -316,7 +378,10 @@ class LmdbTier:
                     last_sync, dirty = now, False
             except Exception as exc:  # never let the writer die: the cache just stops filling
                 self.counters["write_errors"] += 1
-                self._log_once("writer", exc)
+                if isinstance(exc, CORRUPTION):
+                    self._damaged("write", exc)
+                else:
+                    self._log_once("writer", exc)
             finally:
                 if batch:
                     with self._pending_lock:
@@ -331,23 +396,34 @@ class LmdbTier:
             elif isinstance(item, list):
                 self.counters["dropped"] += len(item)
 
-    def _write_batch(self, batch: list[tuple[bytes, bytes]]) -> None:
+    def _write_batch(self, batch: list[tuple[bytes, bytes | None, float]]) -> None:
         for attempt in range(3):
             try:
                 clock = self.clock()
                 now = int(clock)
                 now_us = int(clock * _US)
-                header = _HEADER.pack(min(now + math.ceil(self.config.ttl_s), _U32_MAX), now_us)
+                limit = min(now + math.ceil(self.config.ttl_s), _U32_MAX)
                 age_now = _AGE.pack(now_us)
+                written = forgotten = 0
                 with self._env.begin(write=True, db=self._entries) as txn:
-                    for key, value in batch:
+                    for key, value, expires_at in batch:
+                        expires = int(min(expires_at, limit)) if value is not None else 0
+                        if value is not None and expires <= now:
+                            continue  # expired while queued
                         old = txn.get(key)
-                        if old is not None:  # overwrite: drop the old age row
-                            txn.delete(_AGE.pack(_HEADER.unpack_from(old)[1]) + key, db=self._age)
-                        txn.put(key, header + value)
+                        if old is not None:  # overwrite or forget: drop the old age row
+                            txn.delete(_AGE.pack(_written_us(old)) + key, db=self._age)
+                        if value is None:
+                            if old is not None:
+                                txn.delete(key)
+                                forgotten += 1
+                            continue
+                        txn.put(key, _HEADER.pack(expires, now_us) + value)
                         txn.put(age_now + key, b"", db=self._age)
+                        written += 1
                     self._enforce_budget(txn, now, len(batch))
-                self.counters["writes"] += len(batch)
+                self.counters["writes"] += written
+                self.counters["forgotten"] += forgotten
                 return
             except lmdb.MapFullError as exc:
                 if attempt == 0:
@@ -358,6 +434,9 @@ class LmdbTier:
             except lmdb.MapResizedError:
                 self._adopt_map_size()
                 continue
+            except CORRUPTION as exc:
+                self._damaged("write", exc)
+                break
             except lmdb.Error as exc:
                 self._log_once("write", exc)
                 break
@@ -418,7 +497,7 @@ class LmdbTier:
         while found and done < limit:
             key = cur.key()[_AGE.size :]
             value = txn.get(key, db=self._entries)
-            if value is not None and _HEADER.unpack_from(value)[0] > now:
+            if value is not None and _expires(value) > now:
                 break
             if value is not None:
                 txn.delete(key, db=self._entries)
@@ -436,7 +515,7 @@ class LmdbTier:
             if not cur.first():
                 return
             value = txn.get(cur.key()[_AGE.size :], db=self._entries)
-            if value is not None and _HEADER.unpack_from(value)[0] > now:
+            if value is not None and _expires(value) > now:
                 return
         with self._env.begin(write=True) as txn:
             self._expire(txn, now, _EXPIRE_PER_PASS)
@@ -464,6 +543,25 @@ class LmdbTier:
         with self._gate:
             self._resize_needed = False
             self._env.set_mapsize(0)
+
+    def _read_failed(self, kind: str, exc: lmdb.Error) -> None:
+        self.counters["read_errors"] += 1
+        if isinstance(exc, CORRUPTION):
+            self._damaged(kind, exc)
+        else:
+            self._log_once(kind, exc)
+
+    def _damaged(self, kind: str, exc: lmdb.Error) -> None:
+        """liblmdb says the file is damaged (any thread). Go on with what still
+        works, and record it, so that the next start moves the file aside."""
+        self.counters["damaged"] += 1
+        if self._damage_seen:
+            log.debug("L2 %s: %r", kind, exc)
+            return
+        self._damage_seen = True
+        self._use.mark_damaged(f"{kind}: {exc}")
+        log.warning("L2 at %s is damaged (%s: %s): what reaches the damage misses, or is not written; "
+                    "it will be moved aside at the next start", self.path, kind, exc)  # fmt: skip
 
     def _log_once(self, kind: str, exc: BaseException) -> None:
         if kind in self._logged:

@@ -1,15 +1,22 @@
-"""The gateway's plain core: validate texts, resolve them through the cache
-tiers, and send only the misses to the inference service."""
+"""The gateway's plain core: validate texts, answer repeats from L1, resolve
+the rest through the cache tiers and the Upstream that scores misses.
+
+The model the gateway serves is the Upstream's elected model; a change of it
+is seen as a new `generation` number (one integer compare per call), which
+empties L1 and switches the key hash. Nothing here touches protobuf except
+through the renderer it is handed.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
-from cache import Answer, Entry, Keyer, Scored, TieredCache, normalize_text
-from gateway.errors import InvalidInput, Overloaded
-from inference.client import InferenceUnavailable
-from inference.replicas import ReplicaSet
+from cache import Keyer, ModelRef, TieredCache, normalize_text
+from cache.tiered import Answer
+from cache.upstream import Upstream
+from protos.errors import InvalidInput, Unavailable
 
 __all__ = ["Limits", "Classifier"]
 
@@ -21,7 +28,7 @@ class Limits:
     max_text_bytes: int = 8192     # UTF-8 bytes of one text
     max_batch: int = 1000          # texts in one ClassifyBatch call
     default_timeout_s: float = 30.0  # for a miss when the caller sets no deadline
-    max_pending_misses: int = 4096   # texts of this process waiting for the model; more: RESOURCE_EXHAUSTED
+    max_pending_misses: int = 4096   # texts of this process waiting for Redis or the model; more: RESOURCE_EXHAUSTED
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_text_bytes <= 1 << 20:
@@ -35,16 +42,42 @@ class Limits:
 
 
 class Classifier:
-    def __init__(self, cache: TieredCache, inference: ReplicaSet, limits: Limits = Limits()) -> None:
+    def __init__(self, cache: TieredCache, upstream: Upstream, limits: Limits = Limits()) -> None:
         self.cache = cache
-        self.inference = inference
+        self.upstream = upstream
         self.limits = limits
+        self.fast_hits = 0  # L1 hits answered by hit(); the cache counts the others
+        self._generation = -1
+        self._model: ModelRef | None = None
         self._keyer: Keyer | None = None
+
+    def current_model(self) -> ModelRef | None:
+        """The model misses go to now; follows the Upstream's changes."""
+        upstream = self.upstream
+        if upstream.generation != self._generation:
+            self._generation = upstream.generation
+            model = self._model = upstream.model
+            self._keyer = Keyer(model.fingerprint) if model is not None else None
+            self.cache.l1.use_model(model)
+        return self._model
 
     @property
     def model_display(self) -> str:
-        model = self.inference.model
+        model = self.current_model()
         return model.display if model is not None else ""
+
+    def hit(self, text_utf8: bytes) -> bytes | None:
+        """The rendered L1 response for a text given as its request's UTF-8
+        bytes, or None (not in L1, or not normalized: take the full path)."""
+        if self.upstream.generation != self._generation:
+            self.current_model()
+        keyer = self._keyer
+        if keyer is None:
+            return None
+        found = self.cache.l1.response(keyer.key_of_utf8(text_utf8))
+        if found is not None:
+            self.fast_hits += 1
+        return found
 
     def normalize(self, text: str, index: int | None = None) -> str:
         """The text as it is cached and scored; InvalidInput says what is wrong with it."""
@@ -66,37 +99,17 @@ class Classifier:
                 "split it into several calls"
             )
 
-    def _current_keyer(self) -> Keyer:
-        model = self.inference.model
-        if model is None:
-            raise InferenceUnavailable("the gateway has not reached the inference service yet")
-        keyer = self._keyer
-        if keyer is None or keyer.fingerprint != model.fingerprint:
-            keyer = self._keyer = Keyer(model.fingerprint)
-        return keyer
+    def deadline(self, time_remaining: float | None) -> float:
+        """A caller's time.monotonic() deadline (any value a client can send works)."""
+        remaining = time_remaining if time_remaining is not None else self.limits.default_timeout_s
+        return time.monotonic() + max(0.0, remaining)
 
-    def held_in_l1(self, normalized: str) -> bool:
-        """Whether L1 holds this text's answer for the current model (without touching its recency)."""
-        model = self.inference.model
-        return model is not None and self._current_keyer().key(normalized) in self.cache.l1
-
-    async def classify(self, normalized_texts: list[str], timeout: float | None) -> list[Answer]:
+    async def classify(self, normalized_texts: list[str], deadline: float) -> list[Answer]:
         """Answers for normalized texts, in order, each from the nearest tier that holds it."""
-        keyer = self._current_keyer()
+        model = self.current_model()
+        if model is None:
+            raise Unavailable("the gateway has not reached the inference service yet; retry with backoff")
+        keyer = self._keyer
         keys = [keyer.key(t) for t in normalized_texts]
-        timeout = timeout if timeout is not None else self.limits.default_timeout_s
+        return await self.cache.resolve(keys, normalized_texts, model, deadline)
 
-        async def score(texts: list[str]) -> Scored:
-            pending = self.inference.in_flight
-            if pending + len(texts) > self.limits.max_pending_misses:
-                raise Overloaded(
-                    f"the gateway already has {pending} texts waiting for the model (limit "
-                    f"{self.limits.max_pending_misses}, --max-pending-misses); retry with backoff"
-                )
-            results, scored_by = await self.inference.score(texts, timeout)
-            entries = [Entry(r[0], r[1]) if isinstance(r, tuple) else r for r in results]
-            # A model swapped while these were in flight scored them: answer, but
-            # do not store them under the old model's keys.
-            return Scored(entries, cacheable=scored_by == keyer.fingerprint)
-
-        return await self.cache.resolve(keys, normalized_texts, score)

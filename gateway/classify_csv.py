@@ -13,10 +13,14 @@ import pathlib
 import sys
 import time
 from collections import Counter
+from typing import TYPE_CHECKING, Callable
 
 import grpc
 
 from protos import classifier_pb2, classifier_pb2_grpc
+
+if TYPE_CHECKING:
+    from gateway.server import GatewayConfig
 
 __all__ = ["run_classify"]
 
@@ -85,8 +89,10 @@ async def _classify_rows(target: str, texts: list[str], batch_size: int, progres
     return [r for chunk in results for r in chunk]
 
 
-async def run_classify(args) -> None:
-    from gateway.cli import _model_args, gateway_config
+async def run_classify(args, model_args: list[str], config_for: Callable[[list[str]], GatewayConfig]) -> None:
+    """`tiergate classify` with its parsed flags; without --target it starts
+    `tiergate inference MODEL_ARGS...` and an in-process gateway configured by
+    config_for(inference addresses) (the CLI builds both from its flags)."""
     from gateway.server import GatewayServer
     from gateway.stack import InferenceProcess
 
@@ -98,9 +104,9 @@ async def run_classify(args) -> None:
     target = args.target
     try:
         if target is None:
-            child = InferenceProcess(_model_args(args))
+            child = InferenceProcess(model_args)
             await child.start()
-            server = GatewayServer(gateway_config(args, [child.address]))
+            server = GatewayServer(config_for([child.address]))
             await server.start()
             target = server.address
         try:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import sys
 
 __all__ = ["main", "build_parser"]
 
-from gateway.lifecycle import exit_with_parent, until_signalled
+from gateway.lifecycle import DrainConfig, StopSignals, drain_and_stop, exit_with_parent
 from inference.model import MAX_AUTO_LANES  # light: torch loads only when a model does
 
 log = logging.getLogger("tiergate")
@@ -33,10 +34,19 @@ def _add_gateway_flags(p: argparse.ArgumentParser, *, port_default: int = 50051)
                    "$TIERGATE_CACHE_DIR, else $XDG_CACHE_HOME/tiergate, else ~/.cache/tiergate)")
     g.add_argument("--no-l2", action="store_true", help="run without the LMDB tier")
     g.add_argument("--l2-max-mb", type=_positive_int, default=512, help="L2 size budget in MiB (default: %(default)s)")
+    g.add_argument("--filter-capacity", type=_positive_int, default=None, metavar="N",
+                   help="keys per generation of the Bloom filter of L2's keys, at least 1000 (default: as many "
+                   "entries as --l2-max-mb holds, about 7000 per MiB)")
     g.add_argument("--l2-ttl-s", type=_positive_int, default=7 * 86400, help="L2 entry lifetime (default: 7 days)")
     g.add_argument("--redis-url", default=os.environ.get("TIERGATE_REDIS_URL"),
-                   help="turns L3 on, e.g. redis://localhost:6379/0 (default: $TIERGATE_REDIS_URL; none: L3 off)")
+                   help="turns L3 on, e.g. redis://localhost:6379/0 (default: $TIERGATE_REDIS_URL, the place for a URL "
+                   "with a password: any local user can read a command line; none: L3 off)")
     g.add_argument("--l3-ttl-s", type=_positive_int, default=86400, help="L3 entry lifetime (default: 1 day)")
+    g.add_argument("--cache-secret-file", metavar="FILE", default=os.environ.get("TIERGATE_CACHE_SECRET_FILE"),
+                   help="a secret (at least 16 bytes, the same on every gateway host) that authenticates every value "
+                   "in L2 and L3 with a MAC, so that whoever can write to Redis without it cannot choose answers "
+                   "(default: $TIERGATE_CACHE_SECRET_FILE, else the secret itself in $TIERGATE_CACHE_SECRET; none: "
+                   "values carry a checksum, which catches damage but not forgery)")
     g.add_argument("--l1-entries", type=_positive_int, default=100_000, help="L1 capacity in entries (default: %(default)s)")
     g.add_argument("--max-text-bytes", type=_positive_int, default=8192,
                    help="longest accepted text in UTF-8 bytes; longer: INVALID_ARGUMENT (default: %(default)s)")
@@ -47,6 +57,28 @@ def _add_gateway_flags(p: argparse.ArgumentParser, *, port_default: int = 50051)
     g.add_argument("--max-pending-misses", type=_positive_int, default=4096,
                    help="texts one gateway process has waiting for the model; more: RESOURCE_EXHAUSTED at once "
                    "(default: %(default)s)")
+
+
+def _nonnegative_seconds(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
+
+
+def _add_drain_flags(p: argparse.ArgumentParser, what: str) -> None:
+    d = DrainConfig()
+    g = p.add_argument_group("shutdown (SIGTERM or SIGINT; a second signal ends the drain period at once)")
+    g.add_argument("--drain-s", type=_nonnegative_seconds, default=d.drain_s, metavar="SECONDS",
+                   help=f"on SIGTERM health says NOT_SERVING at once and {what} keeps serving this long, so load "
+                   "balancers and health-checking clients move traffic away first (default: %(default)s)")
+    g.add_argument("--grace-s", type=_nonnegative_seconds, default=d.grace_s, metavar="SECONDS",
+                   help="then new calls are refused (UNAVAILABLE) and calls in flight get this long to finish "
+                   "before they are cancelled (default: %(default)s)")
+
+
+def _drain(args) -> DrainConfig:
+    return DrainConfig(drain_s=args.drain_s, grace_s=args.grace_s)
 
 
 def _add_workers_flag(p: argparse.ArgumentParser) -> None:
@@ -61,8 +93,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    "sentiment model, built on first use)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     g.add_argument("--quantize", choices=("auto", "on", "off"), default="auto",
-                   help="int8 dynamic quantization of Linear layers, CPU only (default: auto = on where the model's "
-                   "build measured at most 1 point of held-out accuracy lost, i.e. the built-in model on CPU)")
+                   help="int8 dynamic quantization of Linear layers, CPU only, scored one text per pass so that "
+                   "answers never depend on the batch (default: auto = on where the model's build measured at most "
+                   "1 point of held-out accuracy lost as served; the built-in model loses more, so it runs float32)")
     g.add_argument("--torchscript", choices=("auto", "on", "off"), default="auto",
                    help="serve a frozen TorchScript graph of the model, checked against the model at load (default: "
                    "auto = on a CPU, falling back to the model itself if the check fails; on: fail instead)")
@@ -75,7 +108,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="how much nicer than the rest of the inference process the model's threads run, so that "
                    "answering calls never waits behind a forward pass; 0: same priority (default: %(default)s)")
     g.add_argument("--max-batch-texts", type=_positive_int, default=None,
-                   help="texts per model call (default: 4 on a CPU, where less padding beats bigger batches; 64 on CUDA)")
+                   help="texts per model call (default: 4 on a CPU, where less padding beats bigger batches; 64 on CUDA; "
+                   "always 1 for int8, whose answers would otherwise depend on the batch)")
     g.add_argument("--max-batch-tokens", type=_positive_int, default=8192,
                    help="padded tokens per model call (default: %(default)s)")
     g.add_argument("--max-wait-ms", type=float, default=5.0,
@@ -115,14 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the whole stack: inference service + gateway (no Redis needed)",
                        description="Runs the inference service (a child process) and the gateway. Prints one line "
-                       "with the address when ready; SIGINT/SIGTERM stop every process it started.")
+                       "with the address when ready; SIGINT/SIGTERM drain the gateway, then stop every process it "
+                       "started.")
     _add_gateway_flags(p)
     _add_workers_flag(p)
+    _add_drain_flags(p, "the gateway")
     _add_model_flags(p)
 
     p = sub.add_parser("gateway", help="run the gateway alone, against running inference service(s)")
     _add_gateway_flags(p)
     _add_workers_flag(p)
+    _add_drain_flags(p, "the gateway")
     p.add_argument("--inference", default="127.0.0.1:50052", metavar="HOST:PORT[,HOST:PORT...]",
                    help="the inference service, or several replicas separated by commas: misses go to the least "
                    "loaded one that is up (default: %(default)s)")
@@ -131,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=50052, help="port, 0 for any free port (default: %(default)s)")
     p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    _add_drain_flags(p, "the service")
     _add_model_flags(p)
 
     p = sub.add_parser("classify", help="score every row of a CSV file",
@@ -151,14 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output", metavar="DIR", help="where to store it (default: <cache dir>/models/<name>)")
     b.add_argument("--force", action="store_true", help="rebuild even if it exists")
 
-    from gateway.bench import add_bench_parser
-
-    add_bench_parser(sub)
+    # Only named here: its flags are gateway.bench's, parsed there (main()
+    # hands it the rest of the command line), so that no other command
+    # imports the benchmark harness.
+    sub.add_parser("bench", add_help=False, help="benchmark the gateway (throughput, latency, tier hits, "
+                   "whole-stack RSS, baselines); tiergate bench --help for its flags")
     return parser
 
 
 def gateway_config(args, inference_targets: list[str]):
     from cache import LmdbConfig, RedisConfig
+    from cache.entry import load_cache_secret
     from gateway.classifier import Limits
     from gateway.server import GatewayConfig
     from inference.paths import cache_root
@@ -168,8 +209,14 @@ def gateway_config(args, inference_targets: list[str]):
         path = args.lmdb_path or str(cache_root() / "l2")
         lmdb = LmdbConfig(path=path, max_bytes=args.l2_max_mb * MIB, ttl_s=args.l2_ttl_s)
     redis = RedisConfig(url=args.redis_url, ttl_s=args.l3_ttl_s) if args.redis_url else None
+    try:
+        secret = load_cache_secret(args.cache_secret_file, os.environ.get("TIERGATE_CACHE_SECRET"))
+    except ValueError as exc:
+        raise SystemExit(f"tiergate: error: {exc}") from None
     return GatewayConfig(
+        cache_secret=secret,
         inference_targets=tuple(inference_targets), host=args.host, port=args.port, l1_max_entries=args.l1_entries,
+        filter_capacity=args.filter_capacity,
         lmdb=lmdb, redis=redis, max_concurrent_rpcs=args.max_concurrent_rpcs,
         limits=Limits(max_text_bytes=args.max_text_bytes, max_batch=args.max_batch,
                       max_pending_misses=args.max_pending_misses),
@@ -211,16 +258,19 @@ async def run_inference(args) -> None:
     )
     server = InferenceServer(config)
     watcher = asyncio.ensure_future(exit_with_parent(os.getppid())) if args.exit_with_parent else None
-    await server.start()
-    info = server.model.info
-    print(f"tiergate inference listening on {server.address} (model {info.model_id}@{info.fingerprint}, "
-          f"{info.device}, {info.dtype}, {info.graph}, {info.lanes} lane(s) x {info.threads} thread(s))", flush=True)
     try:
-        await until_signalled()
+        await server.start()
+        signals = StopSignals()
+        info = server.model.info
+        print(f"tiergate inference listening on {server.address} (model {info.model_id}@{info.fingerprint}, "
+              f"{info.device}, {info.dtype}, {info.graph}, {info.lanes} lane(s) x {info.threads} thread(s))",
+              flush=True)
+        await signals.wait()
+        await drain_and_stop(server, _drain(args), signals)
     finally:
         if watcher:
             watcher.cancel()
-        await server.stop()
+        await server.stop(0)  # at once; nothing left to do after a drain
 
 
 async def run_gateway(args, inference_targets: list[str], label: str = "gateway") -> None:
@@ -233,13 +283,16 @@ async def run_gateway(args, inference_targets: list[str], label: str = "gateway"
         print(f"tiergate {label} listening on {server.address} ({workers} worker{'s' if workers > 1 else ''}; "
               f"model {server.handlers.core.model_display}; {_tiers_summary(config)})", flush=True)
 
-    await run_gateway_workers(config, workers, until_signalled, ready, args.log_level.upper())
+    await run_gateway_workers(config, workers, ready, drain=_drain(args), log_level=args.log_level.upper())
 
 
 async def run_serve(args) -> None:
     from gateway.stack import InferenceProcess
 
-    child = InferenceProcess(_model_args(args))
+    # The inference child stops after the gateway has drained and stopped (so
+    # a miss in flight at SIGTERM still gets its answer), and then nothing
+    # calls it any more: it needs no drain period of its own.
+    child = InferenceProcess(_model_args(args), grace_s=args.grace_s)
     await child.start()
     try:
         await run_gateway(args, [child.address], label="serve")
@@ -248,7 +301,10 @@ async def run_serve(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -261,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "classify":
             from gateway.classify_csv import run_classify
 
-            asyncio.run(run_classify(args))
+            asyncio.run(run_classify(args, _model_args(args), lambda targets: gateway_config(args, targets)))
         elif args.command == "model":
             from inference.build import build_default_model, default_model_dir
 
@@ -274,9 +330,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"on {report.eval_size} balanced positive/negative texts (trained on {report.train_size}) "
                   f"in {report.seconds:.0f} s")
         elif args.command == "bench":
-            from gateway.bench import run_bench
+            from gateway import bench
 
-            run_bench(args)
+            bench.main(rest)
     except KeyboardInterrupt:
         pass
     except (ValueError, RuntimeError, OSError) as exc:

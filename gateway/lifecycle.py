@@ -1,27 +1,92 @@
-"""Process life: stop on SIGINT/SIGTERM, and never outlive the parent that started us."""
+"""Process life: drain and stop on SIGINT/SIGTERM, and never outlive the parent that started us.
+
+A server that is told to stop first drains: its health says NOT_SERVING at
+once, and it keeps serving for the drain period, so that load balancers (and
+health-checking clients) see it and send new calls elsewhere before anything
+is refused. Then it stops taking calls and gives those in flight the grace
+period to finish; what is still running after that is cancelled.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
-import re
 import signal
+from dataclasses import dataclass
+from typing import Protocol
 
-__all__ = ["until_signalled", "exit_with_parent", "READY_PATTERN", "ready_line"]
-
-READY_PATTERN = re.compile(r"listening on (\S+)")  # every tiergate server prints this once it serves
+__all__ = ["DrainConfig", "Drainable", "StopSignals", "drain_and_stop", "exit_with_parent"]
 
 log = logging.getLogger(__name__)
 
 
-async def until_signalled() -> None:
-    """Returns when SIGINT or SIGTERM arrives."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+@dataclass(frozen=True)
+class DrainConfig:
+    # A few seconds: long enough for a load balancer's or client's health
+    # check (typically every 1-5 s) to see NOT_SERVING and move traffic.
+    drain_s: float = 5.0
+    # In-flight calls (misses waiting for the model, open streams) may finish this long.
+    grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name, value in (("drain_s", self.drain_s), ("grace_s", self.grace_s)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a number of seconds >= 0, got {value}")
+
+    @property
+    def total_s(self) -> float:
+        """The longest a drain and stop can take (before cleanup)."""
+        return self.drain_s + self.grace_s
+
+
+class Drainable(Protocol):
+    async def drain(self) -> None:
+        """Health NOT_SERVING; calls are still served."""
+
+    async def stop(self, grace_s: float) -> None:
+        """No new calls; those in flight get grace_s; then close everything."""
+
+
+class StopSignals:
+    """SIGINT and SIGTERM: the first asks for a drain and stop; a second one
+    ends the rest of the drain period at once (the grace period still lets
+    calls in flight finish). Create it inside the running event loop."""
+
+    def __init__(self) -> None:
+        self.requested = asyncio.Event()
+        self._hurry = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._received, sig)
+
+    def _received(self, sig: int) -> None:
+        name = signal.Signals(sig).name
+        if self.requested.is_set():
+            log.warning("%s again: ending the drain period now", name)
+            self._hurry.set()
+        else:
+            log.info("%s: draining (health NOT_SERVING, still serving), then stopping", name)
+            self.requested.set()
+
+    async def wait(self) -> None:
+        await self.requested.wait()
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleeps `seconds`, or less if a second signal comes."""
+        if seconds <= 0 or self._hurry.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._hurry.wait(), seconds)
+        except TimeoutError:
+            pass
+
+
+async def drain_and_stop(server: Drainable, drain: DrainConfig, signals: StopSignals) -> None:
+    await server.drain()
+    await signals.sleep(drain.drain_s)
+    await server.stop(drain.grace_s)
 
 
 async def exit_with_parent(parent: int) -> None:
@@ -30,15 +95,3 @@ async def exit_with_parent(parent: int) -> None:
         await asyncio.sleep(1.0)
     log.warning("parent process %d is gone; stopping", parent)
     os.kill(os.getpid(), signal.SIGTERM)
-
-
-async def ready_line(proc: asyncio.subprocess.Process, what: str) -> str:
-    """The child's "listening on HOST:PORT" line (it reads the child's stdout until then)."""
-    while True:
-        raw = await proc.stdout.readline()
-        if not raw:
-            code = await proc.wait()
-            raise RuntimeError(f"{what} exited with status {code} before it was ready (see its log above)")
-        line = raw.decode(errors="replace").strip()
-        if READY_PATTERN.search(line):
-            return line

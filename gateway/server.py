@@ -8,14 +8,15 @@ import logging
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
-from cache import KeyFilter, LmdbConfig, LmdbTier, MemoryTier, RedisConfig, RedisTier, TieredCache
+from cache import CacheOptions, KeyFilter, LmdbConfig, LmdbTier, MemoryTier, RedisConfig, RedisTier, TieredCache
+from cache.l2_lmdb import filter_capacity_for
 from gateway.classifier import Classifier, Limits
-from gateway.memo import ResponseMemo
-from gateway.servicer import ADMIN_SERVICE, CLASSIFIER_SERVICE, ClassifierHandlers
+from gateway.gate import ClosingGate
+from gateway.servicer import ADMIN_SERVICE, CLASSIFIER_SERVICE, ClassifierHandlers, render_l1
+from protos.health import HEALTH_SERVICE, HealthService
 from gateway.stats_board import PUBLISH_INTERVAL_S, StatsBoard
 from inference.replicas import ReplicaSet
 
@@ -30,20 +31,21 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 50051                       # 0: any free port
     l1_max_entries: int = 100_000
-    filter_capacity: int = 1_000_000        # keys per Bloom filter generation
+    filter_capacity: int | None = None      # keys per Bloom filter generation; None: sized from the L2 budget
     lmdb: LmdbConfig | None = None          # None: no L2
     redis: RedisConfig | None = None        # None: no L3
     limits: Limits = field(default_factory=Limits)
     max_concurrent_rpcs: int | None = None  # beyond it: RESOURCE_EXHAUSTED at once
     connect_timeout_s: float = 60.0         # how long start() waits for the inference service
     stats_dir: str | None = None            # shared by the workers of one gateway (gateway.stats_board)
+    cache_secret: bytes | None = field(default=None, repr=False)  # authenticates L2/L3 values; never logged
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"gateway port must be in 0..65535, got {self.port}")
         if self.l1_max_entries < 1:
             raise ValueError(f"l1_max_entries must be >= 1, got {self.l1_max_entries}")
-        if self.filter_capacity < 1000:
+        if self.filter_capacity is not None and self.filter_capacity < 1000:
             raise ValueError(f"filter_capacity must be >= 1000, got {self.filter_capacity}")
         if not self.inference_targets:
             raise ValueError("at least one inference service address (host:port) is required")
@@ -65,7 +67,10 @@ class GatewayServer:
         self.inference: ReplicaSet | None = None
         self.handlers: ClassifierHandlers | None = None
         self._server: grpc.aio.Server | None = None
-        self._health: HealthServicer | None = None
+        self._health: HealthService | None = None
+        self._gate = ClosingGate()  # first handler: closes when the drain ends
+        self._stopped = False
+        self.core: Classifier | None = None
         self._board = StatsBoard(config.stats_dir)
         self._publisher: asyncio.Task | None = None
 
@@ -77,15 +82,17 @@ class GatewayServer:
         cfg = self.config
         l2 = LmdbTier(cfg.lmdb) if cfg.lmdb is not None else None
         l3 = RedisTier(cfg.redis) if cfg.redis is not None else None
-        key_filter = KeyFilter(cfg.filter_capacity) if l2 is not None else None
-        self.cache = TieredCache(MemoryTier(cfg.l1_max_entries), l2, l3, key_filter)
+        key_filter = KeyFilter(cfg.filter_capacity or filter_capacity_for(cfg.lmdb)) if l2 is not None else None
+        self.inference = ReplicaSet(list(cfg.inference_targets))
+        options = CacheOptions(max_pending=cfg.limits.max_pending_misses, secret=cfg.cache_secret)
+        self.cache = TieredCache(MemoryTier(cfg.l1_max_entries, render_l1), self.inference, l2, l3, key_filter,
+                                 options)
         if key_filter is not None:
             warmed = self.cache.warm_filter()
             log.info("L2 filter warmed with %d keys", warmed)
-        self.inference = ReplicaSet(list(cfg.inference_targets))
         self.inference.start()
-        core = Classifier(self.cache, self.inference, cfg.limits)
-        self.handlers = ClassifierHandlers(core, ResponseMemo(cfg.l1_max_entries), self.stats)
+        self.core = Classifier(self.cache, self.inference, cfg.limits)
+        self.handlers = ClassifierHandlers(self.core, self.stats)
 
         limit = cfg.message_limit()
         server = grpc.aio.server(
@@ -96,11 +103,11 @@ class GatewayServer:
             ],
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
-        server.add_generic_rpc_handlers(self.handlers.generic_handlers())
-        self._health = HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self._health = HealthService()
+        server.add_generic_rpc_handlers(
+            [self._gate, *self.handlers.generic_handlers(), self._health.generic_handler()])
         reflection.enable_server_reflection(
-            [CLASSIFIER_SERVICE, ADMIN_SERVICE, "grpc.health.v1.Health", reflection.SERVICE_NAME], server
+            [CLASSIFIER_SERVICE, ADMIN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME], server
         )
         self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if self.port == 0:
@@ -135,9 +142,9 @@ class GatewayServer:
         counters: dict[str, int] = {}
         counters.update(self.cache.counters)
         counters.update(self.handlers.counters)
-        memo_hits = self.handlers.memo.hits
-        counters["memo_hits"] = memo_hits
-        counters["hits_l1"] = counters.get("hits_l1", 0) + memo_hits  # the memo is part of L1
+        counters.update({f"upstream_{k}": v for k, v in self.inference.counters.items()})
+        counters["hits_l1"] = counters.get("hits_l1", 0) + self.core.fast_hits  # L1 hits answered from raw bytes
+        counters["pending_misses"] = self.cache.pending
         for tier in (self.cache.l2, self.cache.l3):
             if tier is not None:
                 counters.update({f"{tier.name}_{k}": v for k, v in tier.counters.items()})
@@ -152,16 +159,25 @@ class GatewayServer:
             self._board.publish(self.counters())
             await asyncio.sleep(PUBLISH_INTERVAL_S)
 
-    async def wait(self) -> None:
-        await self._server.wait_for_termination()
+    async def drain(self) -> None:
+        """Health NOT_SERVING for every name at once (and for good); calls are still served."""
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
 
-    async def stop(self, grace: float = 2.0) -> None:
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """New calls UNAVAILABLE (port closed; a call that still gets in is told the
+        gateway is shutting down), calls in flight get grace_s, then L2/L3 close.
+        Once: a later call (e.g. from a `finally` after the drain) returns at once."""
+        if self._stopped:
+            return
+        self._stopped = True
         if self._publisher is not None:
             self._publisher.cancel()
             self._board.withdraw()
         if self._server is not None:
-            await self._health.enter_graceful_shutdown()
-            await self._server.stop(grace)
+            self._gate.close()
+            await self.drain()
+            await self._server.stop(grace_s)
         if self.inference is not None:
             await self.inference.close()
         if self.cache is not None:

@@ -2,11 +2,11 @@
 
 Thin on purpose: convert protobuf to plain values, call gateway.classifier,
 convert back. Handlers are registered by hand with identity (de)serializers:
-- a repeat lookup is answered from ResponseMemo without parsing the request or
-  serializing a response (the hit path is most of the traffic);
-- requests are parsed here, so a parse failure (e.g. invalid UTF-8 in a string
-  field) becomes INVALID_ARGUMENT; grpc.aio's own parsing would answer UNKNOWN
-  with internal text.
+- a repeat lookup is answered from L1's rendered response, hashed straight
+  from the request's bytes, without parsing it or serializing anything;
+- requests are parsed here, so a parse failure (invalid UTF-8 in a string
+  field, junk bytes) becomes INVALID_ARGUMENT naming the text; grpc.aio's own
+  parsing would answer UNKNOWN with internal text.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from typing import Callable
 import grpc
 from google.protobuf.message import DecodeError
 
-from cache import Answer
+from cache import Entry, ModelRef
+from cache.tiered import Answer
 from gateway.classifier import Classifier
-from gateway.errors import InvalidInput, abort_with, status_for
-from gateway.memo import ResponseMemo, unary_request_bytes
+from gateway.wire import field1_values, frame_field1
 from protos import classifier_pb2
+from protos.errors import InvalidInput, abort_with, status_for
 
-__all__ = ["CLASSIFIER_SERVICE", "ADMIN_SERVICE", "ClassifierHandlers"]
+__all__ = ["CLASSIFIER_SERVICE", "ADMIN_SERVICE", "ClassifierHandlers", "render_l1"]
 
 log = logging.getLogger(__name__)
 
@@ -33,116 +34,151 @@ CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].fu
 ADMIN_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["GatewayAdmin"].full_name
 
 _STREAM_WINDOW = 256  # requests of one stream in flight at once; more wait (flow control)
-_MALFORMED = "the request could not be parsed: every text must be valid UTF-8"
 
 ClassifyRequest = classifier_pb2.ClassifyRequest
 ClassifyBatchRequest = classifier_pb2.ClassifyBatchRequest
 ClassifyResponse = classifier_pb2.ClassifyResponse
 
 
-def _parse(message_cls, data: bytes):
+class _MalformedStream(InvalidInput):
+    """A stream message that is not a ClassifyRequest at all: ends the stream."""
+
+
+def render_l1(entry: Entry, model: ModelRef) -> bytes:
+    """The response bytes L1 keeps next to an answer (MemoryTier's renderer)."""
+    return ClassifyResponse(label=entry.label, score=entry.score, tier=classifier_pb2.TIER_L1,
+                            model=model.display).SerializeToString()
+
+
+def _response(answer: Answer) -> ClassifyResponse:
+    return ClassifyResponse(label=answer.label, score=answer.score, tier=int(answer.source),
+                            model=answer.model.display)
+
+
+def _decode_text(raw: bytes, where: str) -> str:
     try:
-        return message_cls.FromString(data)
-    except DecodeError:
-        raise InvalidInput(_MALFORMED) from None
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{where} is not valid UTF-8; send text as UTF-8") from None
+
+
+def _unary_text(data: bytes) -> bytes | None:
+    """The text bytes of a ClassifyRequest as clients encode it, or None."""
+    # The common case first: one record of a text under 128 bytes.
+    if len(data) >= 2 and data[0] == 0x0A and data[1] < 0x80 and len(data) == data[1] + 2:
+        return data[2:]
+    values = field1_values(data)
+    if values is None:
+        return None
+    return values[-1] if values else b""  # protobuf: the last value of a repeated scalar wins
 
 
 class ClassifierHandlers:
-    def __init__(self, core: Classifier, memo: ResponseMemo,
+    def __init__(self, core: Classifier,
                  stats_source: Callable[[], tuple[dict[str, int], int]] | None = None) -> None:
         self.core = core
-        self.memo = memo
         self.counters: Counter[str] = Counter()
         self._stats_source = stats_source
 
-    def _current_memo(self) -> ResponseMemo | None:
-        """The memo, emptied first if the model changed; None before any model is known."""
-        model = self.core.inference.model
-        memo = self.memo
-        if model is not memo.model:
-            memo.use_model(model)
-        return memo if model is not None else None
+    def _text_of(self, data: bytes, where: str = "text") -> str:
+        raw = _unary_text(data)
+        if raw is not None:
+            return _decode_text(raw, where)
+        try:
+            return ClassifyRequest.FromString(data).text
+        except DecodeError:
+            raise _MalformedStream(f"{where}: the message is not a tiergate.v1.ClassifyRequest") from None
 
-    def _remember(self, request_bytes: bytes, normalized: str, answer: Answer) -> None:
-        # Only what L1 holds for the current model goes in (the memo is part of L1).
-        memo = self.memo
-        if memo.model is not None and memo.model is self.core.inference.model and self.core.held_in_l1(normalized):
-            memo.put(request_bytes, answer.entry.label, answer.entry.score)
-
-    @staticmethod
-    def _response(answer: Answer, model: str) -> classifier_pb2.ClassifyResponse:
-        entry = answer.entry
-        return ClassifyResponse(label=entry.label, score=entry.score, tier=int(answer.source), model=model)
+    def _count_error(self, exc: BaseException) -> None:
+        self.counters[f"errors_{status_for(exc)[0].name.lower()}"] += 1
 
     async def _fail(self, context, exc: BaseException) -> None:
-        self.counters[f"errors_{status_for(exc)[0].name.lower()}"] += 1
+        self._count_error(exc)
         await abort_with(context, exc)
 
-    async def _classify_one(self, data: bytes, timeout: float | None, where: str = "") -> bytes:
-        request = _parse(ClassifyRequest, data)
-        try:
-            text = self.core.normalize(request.text)
-        except InvalidInput as exc:
-            raise InvalidInput(f"{where}{exc}") from None
-        (answer,) = await self.core.classify([text], timeout)
-        self._remember(data, text, answer)
-        return self._response(answer, self.core.model_display).SerializeToString()
+    async def _classify_one(self, data: bytes, deadline: float, where: str = "text") -> bytes:
+        text = self.core.normalize(self._text_of(data, where))
+        (answer,) = await self.core.classify([text], deadline)
+        return _response(answer).SerializeToString()
 
     async def classify(self, data: bytes, context) -> bytes:
-        memo = self._current_memo()
-        if memo is not None:
-            found = memo.get(data)
+        raw = _unary_text(data)
+        if raw is not None:
+            found = self.core.hit(raw)
             if found is not None:
-                memo.hits += 1
-                return found[0]
+                return found
         self.counters["classify_slow_path"] += 1
         try:
-            return await self._classify_one(data, context.time_remaining())
+            return await self._classify_one(data, self.core.deadline(context.time_remaining()))
         except Exception as exc:
             await self._fail(context, exc)
 
-    async def classify_batch(self, data: bytes, context) -> bytes:
+    def _batch_texts(self, data: bytes) -> list:
         try:
-            texts = _parse(ClassifyBatchRequest, data).texts
-            self.core.check_batch_size(len(texts))
-            memo = self._current_memo()
-            if memo is not None and texts:
+            return list(ClassifyBatchRequest.FromString(data).texts)
+        except DecodeError:
+            pass
+        values = field1_values(data)
+        if values is None:
+            raise InvalidInput("the request is not a tiergate.v1.ClassifyBatchRequest") from None
+        for i, raw in enumerate(values):
+            _decode_text(raw, f"texts[{i}]")  # raises, naming the first invalid text
+        raise InvalidInput("the request could not be parsed")  # not reached: protobuf found a bad string
+
+    async def classify_batch(self, data: bytes, context) -> bytes:
+        core = self.core
+        try:
+            texts = self._batch_texts(data)
+            core.check_batch_size(len(texts))
+            if texts:
                 parts = []
                 for text in texts:
-                    found = memo.get(unary_request_bytes(text.encode()))
+                    found = core.hit(text.encode("utf-8"))
                     if found is None:
+                        core.fast_hits -= len(parts)  # counted again by the full path below
                         break
-                    parts.append(found[1])
-                else:  # every text was a memo hit: the response is their framed bytes
-                    memo.hits += len(parts)
+                    parts.append(frame_field1(found))
+                else:  # every text was an L1 hit: the response is their framed bytes
                     return b"".join(parts)
             self.counters["batch_slow_path"] += 1
-            normalized = [self.core.normalize(t, i) for i, t in enumerate(texts)]
-            answers = await self.core.classify(normalized, context.time_remaining()) if texts else []
+            normalized = [core.normalize(t, i) for i, t in enumerate(texts)]
+            answers = await core.classify(normalized, core.deadline(context.time_remaining())) if texts else []
         except Exception as exc:
             await self._fail(context, exc)
-        model = self.core.model_display
-        for text, norm, answer in zip(texts, normalized, answers):
-            self._remember(unary_request_bytes(text.encode()), norm, answer)
-        return classifier_pb2.ClassifyBatchResponse(results=[self._response(a, model) for a in answers]).SerializeToString()
+        return classifier_pb2.ClassifyBatchResponse(results=[_response(a) for a in answers]).SerializeToString()
+
+    def _item_error(self, exc: BaseException) -> bytes:
+        self._count_error(exc)
+        code, message = status_for(exc)
+        return ClassifyResponse(error=classifier_pb2.ItemError(code=code.value[0], message=message)).SerializeToString()
+
+    async def _stream_item(self, data: bytes, deadline: float, where: str) -> bytes:
+        try:
+            return await self._classify_one(data, deadline, where)
+        except _MalformedStream:
+            raise
+        except Exception as exc:
+            return self._item_error(exc)
 
     async def classify_stream(self, request_iterator, context):
         # Responses go out in request order, but up to _STREAM_WINDOW requests
         # are resolved concurrently, so several misses share the model's
-        # batches. A memo hit is queued as ready bytes, with no task at all.
+        # batches. An L1 hit is queued as ready bytes, with no task at all. A
+        # text without an answer gets an in-band error and the stream goes on.
         window: asyncio.Queue = asyncio.Queue(_STREAM_WINDOW)
+        core = self.core
 
         async def read() -> None:
             index = 0
             async for data in request_iterator:
-                memo = self._current_memo()
-                found = memo.get(data) if memo is not None else None
+                raw = _unary_text(data)
+                found = core.hit(raw) if raw is not None else None
                 if found is not None:
-                    memo.hits += 1
-                    await window.put(found[0])
+                    await window.put(found)
                 else:
-                    where = f"stream request #{index}: "
-                    await window.put(asyncio.ensure_future(self._classify_one(data, context.time_remaining(), where)))
+                    where = f"stream request #{index}"
+                    deadline = core.deadline(context.time_remaining())
+                    await window.put(asyncio.ensure_future(self._stream_item(data, deadline, where)))
                 index += 1
             await window.put(None)
 
@@ -155,9 +191,10 @@ class ClassifierHandlers:
                 if not isinstance(item, bytes):
                     try:
                         item = await item
-                    except Exception as exc:
+                    except Exception as exc:  # a malformed message: the stream cannot go on
                         await self._fail(context, exc)
                 yield item
+            await reader  # re-raises what ended the reading, if anything did
         finally:
             reader.cancel()
             while not window.empty():
@@ -165,22 +202,24 @@ class ClassifierHandlers:
                 if isinstance(task, asyncio.Future):
                     task.cancel()
 
-    async def get_stats(self, request, context):
+    async def get_stats(self, data: bytes, context) -> bytes:
+        try:
+            classifier_pb2.GetStatsRequest.FromString(data)
+        except DecodeError:
+            await self._fail(context, InvalidInput("the request is not a tiergate.v1.GetStatsRequest"))
         counters, workers = self._stats_source() if self._stats_source else (dict(self.counters), 1)
-        model = self.core.inference.model
+        model = self.core.current_model()
         return classifier_pb2.GatewayStats(
-            counters=counters, model=self.core.model_display, workers=workers,
+            counters=counters, model=model.display if model else "", workers=workers,
             model_dtype=model.dtype if model else "", model_device=model.device if model else "",
-        )
+        ).SerializeToString()
 
     def generic_handlers(self) -> list[grpc.GenericRpcHandler]:
         # No (de)serializers: handlers take and return bytes.
         classify = grpc.unary_unary_rpc_method_handler(self.classify)
         batch = grpc.unary_unary_rpc_method_handler(self.classify_batch)
         stream = grpc.stream_stream_rpc_method_handler(self.classify_stream)
-        stats = grpc.unary_unary_rpc_method_handler(
-            self.get_stats, classifier_pb2.GetStatsRequest.FromString, classifier_pb2.GatewayStats.SerializeToString
-        )
+        stats = grpc.unary_unary_rpc_method_handler(self.get_stats)
         return [
             grpc.method_handlers_generic_handler(
                 CLASSIFIER_SERVICE, {"Classify": classify, "ClassifyBatch": batch, "ClassifyStream": stream}

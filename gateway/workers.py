@@ -7,28 +7,37 @@ and opens LMDB after it starts. All listen on one port with SO_REUSEPORT, so
 the kernel spreads connections over them (connections, not calls: one client
 channel stays with one worker). They share L2 on disk, and their counters add
 up in one place (gateway.stats_board). A worker that dies is started again.
+
+A worker's config (Redis password and cache secret included) travels pickled
+on its stdin, never in argv: any local user can read /proc/PID/cmdline.
+
+On SIGINT/SIGTERM worker 0 passes SIGTERM on to the others at once, so every
+worker's health says NOT_SERVING together (a health check's connection may
+land on any of them); each drains and stops by itself, and worker 0 waits
+until they have exited.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import logging
 import os
 import pickle
 import shutil
-import signal
 import sys
 import tempfile
-from typing import Awaitable, Callable
+from typing import Callable
 
-from gateway.lifecycle import exit_with_parent, ready_line, until_signalled
+from gateway.children import Child, keep_restarting
+from gateway.lifecycle import DrainConfig, StopSignals, drain_and_stop, exit_with_parent
 from gateway.server import GatewayConfig, GatewayServer
 
 __all__ = ["default_workers", "run_gateway_workers"]
 
 log = logging.getLogger(__name__)
+
+_STOP_SLACK_S = 10.0  # beyond drain + grace, before a worker that has not exited is killed
 
 
 def default_workers(model_on_host: bool = False) -> int:
@@ -39,96 +48,73 @@ def default_workers(model_on_host: bool = False) -> int:
     return max(1, min(cores // 2 if model_on_host else cores, 8))
 
 
-class _WorkerProcess:
-    """One extra worker, a child process running this module."""
-
-    def __init__(self, config: GatewayConfig, log_level: str) -> None:
-        # The config travels pickled on the command line: the child is this same code base.
-        self._payload = base64.b64encode(pickle.dumps((config, log_level))).decode()
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self, timeout: float) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway.workers", self._payload,
-            stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
-        )
-        try:
-            await asyncio.wait_for(ready_line(self.proc, "a gateway worker"), timeout)
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def stop(self) -> None:
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
-            return
-        proc.send_signal(signal.SIGTERM)  # the worker stops its server and closes L2 cleanly
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+def _worker(config: GatewayConfig, drain: DrainConfig, log_level: str) -> Child:
+    # A session of its own: the terminal's Ctrl-C reaches worker 0 only, which
+    # passes one SIGTERM on (a second signal would cut the worker's drain short).
+    return Child("gateway worker", [sys.executable, "-m", "gateway.workers"],
+                 stdin=pickle.dumps((config, drain, log_level)), new_session=True)
 
 
 async def run_gateway_workers(
-    config: GatewayConfig, count: int, until: Callable[[], Awaitable[None]],
-    on_ready: Callable[[GatewayServer], None], log_level: str = "INFO",
+    config: GatewayConfig, count: int, on_ready: Callable[[GatewayServer], None], *,
+    drain: DrainConfig = DrainConfig(), log_level: str = "INFO",
 ) -> None:
-    """Serves with `count` workers until `until()` returns; on_ready(worker 0) once all serve."""
+    """Serves with `count` workers until SIGINT/SIGTERM, then drains and stops
+    them all; on_ready(worker 0) once all serve."""
     stats_dir = tempfile.mkdtemp(prefix="tiergate-gateway-") if count > 1 else None
     config = dataclasses.replace(config, stats_dir=stats_dir)
     server = GatewayServer(config)
-    others: list[_WorkerProcess] = []
-    watcher = None
+    start_timeout = config.connect_timeout_s + 60
+    others: list[Child] = []
+    keepers: list[asyncio.Task] = []
     try:
         await server.start()
+        signals = StopSignals()
         # The others bind the port worker 0 got (which matters for --port 0).
-        child_config = dataclasses.replace(config, port=server.port)
-        others = [_WorkerProcess(child_config, log_level) for _ in range(count - 1)]
-        await asyncio.gather(*(w.start(config.connect_timeout_s + 60) for w in others))
+        others = [_worker(dataclasses.replace(config, port=server.port), drain, log_level) for _ in range(count - 1)]
+        for worker in others:
+            worker.start()
+        await asyncio.gather(*(w.ready(start_timeout) for w in others))
         on_ready(server)
-        watcher = asyncio.ensure_future(_restart_dead(others, config.connect_timeout_s + 60))
-        await until()
+        keepers = [asyncio.ensure_future(keep_restarting(w, ready_timeout_s=start_timeout)) for w in others]
+        await signals.wait()
+        for keeper in keepers:
+            keeper.cancel()
+        for worker in others:
+            worker.terminate()
+        await drain_and_stop(server, drain, signals)
     finally:
-        if watcher is not None:
-            watcher.cancel()
-        await asyncio.gather(*(w.stop() for w in others), return_exceptions=True)
-        await server.stop()
+        for keeper in keepers:
+            keeper.cancel()
+        results = await asyncio.gather(*(w.stop_async(drain.total_s + _STOP_SLACK_S) for w in others),
+                                       server.stop(0), return_exceptions=True)  # stop(0): a no-op after the drain
+        for result in results:
+            if isinstance(result, Exception):
+                log.error("stopping the gateway workers: %s", result)
         if stats_dir:
             shutil.rmtree(stats_dir, ignore_errors=True)
 
 
-async def _restart_dead(workers: list[_WorkerProcess], timeout: float) -> None:
-    while True:
-        await asyncio.sleep(0.5)
-        for worker in workers:
-            if worker.proc is not None and worker.proc.returncode is not None:
-                log.error("gateway worker %d exited with status %s; starting another",
-                          worker.proc.pid, worker.proc.returncode)
-                try:
-                    await worker.start(timeout)
-                except Exception as exc:
-                    log.error("restarting a gateway worker failed: %s", exc)
-
-
-async def _worker_main(config: GatewayConfig) -> None:
+async def _worker_main(config: GatewayConfig, drain: DrainConfig) -> None:
     parent = asyncio.ensure_future(exit_with_parent(os.getppid()))
     server = GatewayServer(config)
     try:
         await server.start()
+        signals = StopSignals()
         print(f"tiergate gateway worker {os.getpid()} listening on {server.address}", flush=True)
-        await until_signalled()
+        await signals.wait()
+        await drain_and_stop(server, drain, signals)
     finally:
         parent.cancel()
-        await server.stop()
+        await server.stop(0)
 
 
 def main() -> None:
-    config, log_level = pickle.loads(base64.b64decode(sys.argv[1]))
+    config, drain, log_level = pickle.loads(sys.stdin.buffer.read())  # from worker 0, see _worker
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s worker-{os.getpid()} %(name)s: %(message)s")
     try:
-        asyncio.run(_worker_main(config))
+        asyncio.run(_worker_main(config, drain))
     except KeyboardInterrupt:
         pass
 

@@ -26,7 +26,12 @@ import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+from protos.errors import DeadlineExceeded, Overloaded
+
+if TYPE_CHECKING:
+    from inference.model import ModelInfo
 
 __all__ = ["BatcherConfig", "DynamicBatcher", "default_max_batch", "QueueFull", "DeadlineExpired", "estimate_tokens"]
 
@@ -36,11 +41,11 @@ ScoreBatch = Callable[[Any], list[tuple[str, float]]]
 PrepareBatch = Callable[[list[str]], Any]
 
 
-class QueueFull(Exception):
+class QueueFull(Overloaded):
     """The batcher holds max_queue texts already; the caller should back off."""
 
 
-class DeadlineExpired(Exception):
+class DeadlineExpired(DeadlineExceeded):
     """The text's deadline passed before it reached the model; it was not scored."""
 
 
@@ -81,10 +86,28 @@ class BatcherConfig:
             return self
         return dataclasses.replace(self, max_batch=min(default_max_batch(device), self.max_queue))
 
+    def for_model(self, info: ModelInfo) -> BatcherConfig:
+        """This config with max_batch decided for the loaded model: never more
+        texts per pass than keep each text's answer a function of the text
+        alone (ModelInfo.max_batch_texts); asking for more is an error, not a
+        silent change of answers."""
+        limit = info.max_batch_texts
+        if limit is not None and self.max_batch is not None and self.max_batch > limit:
+            way_out = ", or serve float32 (--quantize off) to batch" if info.dtype.startswith("int8") else ""
+            raise ValueError(
+                f"--max-batch-texts {self.max_batch}: the {info.dtype} model scores at most {limit} text(s) per pass, "
+                f"or a text's answer would depend on the texts beside it; leave --max-batch-texts unset{way_out}"
+            )
+        config = self.for_device(info.device)
+        if limit is not None and config.max_batch > limit:
+            config = dataclasses.replace(config, max_batch=limit)
+        return config
+
 
 def default_max_batch(device: str) -> int:
-    # Measured on 2 cores, default model, int8, 2 lanes, c=32 unique ~60-token
-    # texts: 2: 191, 3: 226, 4: 224-246, 6: 221-241, 8: 205-209, 16: 183 texts/s.
+    # Measured on 2 cores (AVX2), default model, float32, 2 lanes of 1 thread,
+    # ~60-token texts grouped by length: 4: 101, 8: 98, 1: 83 texts/s. (int8
+    # models take 1: ModelInfo.max_batch_texts and BatcherConfig.for_model.)
     # On a GPU a bigger batch costs little more than a small one (not
     # measured here: no GPU was lent to this project's sessions).
     return 4 if device == "cpu" else 64
@@ -273,6 +296,15 @@ class DynamicBatcher:
 
     def _take_batch(self, now: float) -> list[_Waiting]:
         """Removes and returns the next batch: the oldest text plus its nearest neighbours in length."""
+        cfg = self.config
+        if cfg.max_batch == 1:  # nothing to group: the oldest live text, without walking the queue
+            while self._queue:
+                w = self._queue.pop(0)
+                if not self._drop_if_dead(w, now):
+                    if self._queue:
+                        self._full.set()
+                    return [w]
+            return []
         live = [w for w in self._queue if not self._drop_if_dead(w, now)]
         if not live:
             self._queue = []
@@ -280,7 +312,6 @@ class DynamicBatcher:
         oldest = live[0]  # the queue is in arrival order: serve the oldest first, for fairness
         by_cost = sorted(live, key=lambda w: w.cost)
         lo = hi = by_cost.index(oldest)
-        cfg = self.config
         # Grow a window of similar lengths around the oldest text while it fits the budget.
         while hi - lo + 1 < cfg.max_batch:
             left = by_cost[lo - 1] if lo > 0 else None

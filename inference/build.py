@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+from inference.model import INT8_MEASURED_AS
 from inference.paths import DEFAULT_MODEL_NAME, cache_root, default_model_dir
 
 __all__ = [
@@ -150,6 +151,7 @@ def build_default_model(
         seconds = time.perf_counter() - started
         info = _build_info(accuracy, len(held_out), len(train), seed, seconds, corpus)
         info["accuracy_int8"] = accuracy_int8  # decides --quantize auto (inference.model.int8_is_safe)
+        info["int8_measured_as"] = INT8_MEASURED_AS
         (tmp / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         _apply_umask(tmp)
         _move_into_place(tmp, out_dir)
@@ -409,20 +411,19 @@ def _train(model, features: list, labels: Sequence[int], *, seed: int, progress:
 
 def _evaluate_saved(path: pathlib.Path, held_out: Sequence[tuple[str, int]], progress: bool,
                     quantize: bool = False) -> float:
-    """Held-out accuracy of the saved checkpoint through the standard forward
-    (with quantize: after the int8 quantization the service would apply)."""
+    """Held-out accuracy of the saved checkpoint as the inference service scores
+    it (with quantize: int8-dynamic, which it scores one text per pass)."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from inference.model import quantize_int8
+    from inference.model import ModelConfig, SequenceClassifier
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).eval()
-    if quantize:
-        model = quantize_int8(model)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    label_ids = {name: i for i, name in enumerate(LABELS)}
-    if {int(k): v for k, v in model.config.id2label.items()} != dict(enumerate(LABELS)):
-        raise RuntimeError(f"saved model has labels {model.config.id2label}, expected {LABELS}")
+    # The serving path (TorchScript on a CPU, int8 one text per pass) in one
+    # lane with the build's own thread count.
+    classifier = SequenceClassifier(ModelConfig(source=str(path), quantize=quantize, lanes=1,
+                                                threads=torch.get_num_threads()))
+    labels = classifier.load().labels
+    if labels != LABELS:
+        raise RuntimeError(f"saved model has labels {labels}, expected {LABELS}")
     texts = [t for t, _ in held_out]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     correct = 0
@@ -430,12 +431,8 @@ def _evaluate_saved(path: pathlib.Path, held_out: Sequence[tuple[str, int]], pro
                        unit="text") as bar:
         for start in range(0, len(order), ENCODE_BATCH):
             batch = order[start : start + ENCODE_BATCH]
-            inputs = tokenizer([texts[i] for i in batch], padding=True, truncation=True, return_tensors="pt")
-            with torch.inference_mode():
-                predicted = model(**inputs).logits.argmax(dim=-1).tolist()
-            correct += sum(
-                label_ids[model.config.id2label[p]] == held_out[i][1] for p, i in zip(predicted, batch)
-            )
+            results = classifier.score([texts[i] for i in batch])
+            correct += sum(label == LABELS[held_out[i][1]] for (label, _), i in zip(results, batch))
             bar.update(len(batch))
     return correct / len(texts)
 

@@ -1,10 +1,15 @@
-"""The gateway's client for the inference service.
+"""The gateway's client for one inference service.
 
 One long-lived bidirectional stream carries all of a gateway's misses: texts
 queued by concurrent callers go out together in one message, results come back
 matched by id. The client reconnects by itself when the service restarts and
 re-reads the model description each time, so a new model is noticed without
-restarting the gateway. Imports nothing heavy: the gateway process stays light.
+restarting the gateway.
+
+Every result is tagged with the model of the stream it came back on (checked
+against the fingerprint the service puts on each message), never with the
+model the caller expected: a text scored by another model must not be cached
+or reported as this one's. Imports nothing heavy: the gateway stays light.
 """
 
 from __future__ import annotations
@@ -12,57 +17,50 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from dataclasses import dataclass
+import math
+import time
+from typing import Callable, Sequence
 
 import grpc
 
+from cache.upstream import Failed, ModelRef, Outcome, Scored
 from inference.channel_options import CLIENT_OPTIONS
 from protos import inference_pb2, inference_pb2_grpc
+from protos.errors import DeadlineExceeded, Lost, Unavailable, error_for_code
 
-__all__ = ["InferenceClient", "InferenceUnavailable", "InferenceRejected", "RemoteModel"]
+__all__ = ["InferenceClient", "wire_timeout_ms"]
 
 log = logging.getLogger(__name__)
 
 _MESSAGE_TEXT_BYTES = 2 * 1024 * 1024  # split outgoing messages well below the size limit
+_U32_MAX = 2**32 - 1
 
 
-class InferenceUnavailable(Exception):
-    """No inference service can take the text now (down, restarting, unreachable)."""
+def wire_timeout_ms(deadline: float | None, now: float) -> int:
+    """ScoreItem.timeout_ms for a monotonic deadline: 0 for none, at least 1.
 
-
-class InferenceRejected(Exception):
-    """The inference service answered this text with a non-OK status."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
-
-
-@dataclass(frozen=True)
-class RemoteModel:
-    model_id: str
-    labels: tuple[str, ...]
-    fingerprint: str
-    device: str
-    dtype: str
-
-    @property
-    def display(self) -> str:
-        return f"{self.model_id}@{self.fingerprint}"
+    The field is a uint32 of milliseconds (about 49.7 days). A client may send
+    any deadline; one beyond what the field holds is "no deadline" to the
+    service, which is what it means in practice (the gateway still enforces
+    the caller's own deadline)."""
+    if deadline is None:
+        return 0
+    ms = math.ceil((deadline - now) * 1000)
+    if ms > _U32_MAX:
+        return 0
+    return max(1, ms)
 
 
 class InferenceClient:
-    def __init__(self, target: str, *, describe_timeout_s: float = 2.0, on_change=None) -> None:
+    def __init__(self, target: str, *, describe_timeout_s: float = 2.0,
+                 on_change: Callable[[], None] | None = None) -> None:
         self.target = target
         self._on_change = on_change  # called after connecting, disconnecting or a model change
         self._describe_timeout_s = describe_timeout_s
         self._channel = grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS)
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future] = {}
+        self._pending: dict[int, asyncio.Future[Outcome]] = {}
         self._outgoing: list[inference_pb2.ScoreItem] = []
         self._cancels: list[int] = []
         self._send_wakeup = asyncio.Event()
@@ -71,7 +69,7 @@ class InferenceClient:
         self._task: asyncio.Task | None = None
         self._closed = False
         self._remote_depth = 0
-        self.model: RemoteModel | None = None
+        self.model: ModelRef | None = None  # of the stream now open (or the last one)
 
     @property
     def connected(self) -> bool:
@@ -92,7 +90,7 @@ class InferenceClient:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._maintain(), name=f"inference-{self.target}")
 
-    async def wait_connected(self, timeout: float) -> RemoteModel:
+    async def wait_connected(self, timeout: float) -> ModelRef:
         await asyncio.wait_for(self._connected.wait(), timeout)
         return self.model
 
@@ -110,44 +108,37 @@ class InferenceClient:
                 pass
         await self._channel.close()
 
-    async def score(self, texts: list[str], timeout: float | None = None) -> tuple[list, str]:
-        """Scores texts; returns ([(label, score) or exception per text], fingerprint).
-
-        Raises InferenceUnavailable when no stream is up. An item the service
-        refused (full queue, deadline passed) comes back as InferenceRejected.
-        """
+    async def score(self, texts: Sequence[str], deadline: float | None) -> list[Outcome]:
+        """One Outcome per text. Never raises for a per-text problem: a text the
+        service refused, or one lost with the stream, is a Failed outcome.
+        Cancelling the caller withdraws its texts (the service skips them)."""
         if self._stream is None:
-            raise InferenceUnavailable(f"the inference service at {self.target} is not reachable")
-        fingerprint = self.model.fingerprint
+            error = Unavailable(f"the inference service at {self.target} is not reachable; retry with backoff")
+            return [Failed(error)] * len(texts)
         loop = asyncio.get_running_loop()
-        timeout_ms = max(1, int(timeout * 1000)) if timeout else 0
+        timeout_ms = wire_timeout_ms(deadline, time.monotonic())
         ids, futures = [], []
         for text in texts:
-            item_id = next(self._ids)
+            item = inference_pb2.ScoreItem(id=next(self._ids), text=text, timeout_ms=timeout_ms)
             future = loop.create_future()
-            self._pending[item_id] = future
-            self._outgoing.append(inference_pb2.ScoreItem(id=item_id, text=text, timeout_ms=timeout_ms))
-            ids.append(item_id)
+            self._pending[item.id] = future
+            self._outgoing.append(item)
+            ids.append(item.id)
             futures.append(future)
         self._send_wakeup.set()
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            done, not_done = await asyncio.wait(futures, timeout=timeout)
+            _done, not_done = await asyncio.wait(futures, timeout=wait)
         except asyncio.CancelledError:
-            self._abandon(ids)  # nobody waits any more: let the service skip them
+            self._withdraw(ids)  # nobody waits any more: let the service skip them
             raise
+        late = Failed(DeadlineExceeded("deadline exceeded before the model could score the text"))
+        outcomes = [f.result() if f.done() else late for f in futures]
         if not_done:
-            self._abandon(ids)
-        results = []
-        for future in futures:
-            if not future.done():
-                results.append(InferenceRejected(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while the model was busy"))
-            elif future.exception() is not None:
-                results.append(future.exception())
-            else:
-                results.append(future.result())
-        return results, fingerprint
+            self._withdraw(ids)  # after reading the outcomes: withdrawing cancels what is left
+        return outcomes
 
-    def _abandon(self, ids: list[int]) -> None:
+    def _withdraw(self, ids: list[int]) -> None:
         for item_id in ids:
             future = self._pending.pop(item_id, None)
             if future is not None:
@@ -161,11 +152,10 @@ class InferenceClient:
             sender = None
             try:
                 info = await self._stub.Describe(inference_pb2.DescribeRequest(), timeout=self._describe_timeout_s)
-                model = RemoteModel(info.model_id, tuple(info.labels), info.fingerprint, info.device, info.dtype)
+                model = ModelRef(info.model_id, tuple(info.labels), info.fingerprint, info.device, info.dtype)
                 if self.model is not None and self.model.fingerprint != model.fingerprint:
                     log.warning("inference model changed: %s -> %s", self.model.display, model.display)
-                if model != self.model:  # keep the same object otherwise: callers compare by identity
-                    self.model = model
+                self.model = model
                 stream = self._stub.Score()
                 sender = asyncio.create_task(self._send(stream))
                 self._stream = stream
@@ -174,7 +164,7 @@ class InferenceClient:
                 log.info("connected to inference service %s (%s)", self.target, model.display)
                 backoff = 0.05
                 async for response in stream:
-                    self._deliver(response)
+                    self._deliver(response, model)
                 log.warning("inference service %s closed the stream", self.target)
             except grpc.aio.AioRpcError as exc:
                 if self._stream is not None:
@@ -184,11 +174,11 @@ class InferenceClient:
                 self._stream = None
                 self._remote_depth = 0
                 self._connected.clear()
-                if was_connected:
-                    self._changed()
                 if sender is not None:
                     sender.cancel()
                 self._fail_pending()
+                if was_connected:
+                    self._changed()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
@@ -196,25 +186,33 @@ class InferenceClient:
         if self._on_change is not None:
             self._on_change()
 
-    def _deliver(self, response: inference_pb2.ScoreResponse) -> None:
+    def _deliver(self, response: inference_pb2.ScoreResponse, model: ModelRef) -> None:
         self._remote_depth = response.queue_depth
-        for result in response.results:
-            future = self._pending.pop(result.id, None)
-            if future is None or future.done():
-                continue
-            if result.code == 0:
-                future.set_result((result.label, result.score))
-            else:
-                code = _CODES.get(result.code, grpc.StatusCode.UNKNOWN)
-                future.set_exception(InferenceRejected(code, result.message))
+        if response.fingerprint != model.fingerprint:
+            # Not the model this stream was opened for: its answers must not
+            # pass as this model's. Fail them; the texts' callers may retry.
+            log.error("inference service %s scored with %s, expected %s; dropping %d results",
+                      self.target, response.fingerprint, model.fingerprint, len(response.results))
+            wrong = Failed(Unavailable("the inference service changed its model mid-stream; retry"))
+            outcomes = {r.id: wrong for r in response.results}
+        else:
+            outcomes = {
+                r.id: Scored(r.label, r.score, model) if r.code == 0 else Failed(error_for_code(r.code, r.message))
+                for r in response.results
+            }
+        for item_id, outcome in outcomes.items():
+            future = self._pending.pop(item_id, None)
+            if future is not None and not future.done():
+                future.set_result(outcome)
 
     def _fail_pending(self) -> None:
         pending, self._pending = self._pending, {}
         self._outgoing.clear()
         self._cancels.clear()
+        lost = Failed(Lost(f"lost the inference service at {self.target} while it held the text; retry"))
         for future in pending.values():
             if not future.done():
-                future.set_exception(InferenceUnavailable(f"lost the inference service at {self.target}"))
+                future.set_result(lost)
 
     async def _send(self, stream) -> None:
         try:

@@ -19,7 +19,8 @@ import threading
 import warnings
 from dataclasses import dataclass
 
-__all__ = ["ModelConfig", "ModelInfo", "SequenceClassifier", "release_freed_memory", "quantize_int8", "int8_is_safe"]
+__all__ = ["ModelConfig", "ModelInfo", "SequenceClassifier", "release_freed_memory", "quantize_int8", "int8_is_safe",
+           "BATCH_INVARIANCE_TOLERANCE", "INT8_MEASURED_AS"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ class ModelInfo:
     lanes: int = 1  # forward passes that may run at once
     threads: int = 1  # torch threads in each
     graph: str = "eager"  # "torchscript" when a traced graph serves the model
+    # The most texts one forward pass may hold with each text's answer still a
+    # function of the text alone; None: any number. int8-dynamic: 1 (see quantize_int8).
+    max_batch_texts: int | None = None
 
 
 MAX_AUTO_LANES = 4  # past this, more threads per pass rather than more passes at once
@@ -127,26 +131,55 @@ def resident_bytes() -> int:
 
 
 INT8_MAX_ACCURACY_LOSS = 0.01  # auto quantization only where the build measured at most this loss
+# How tiergate_build.json says its accuracy_int8 was measured: as served. Builds
+# before it scored int8 in padded batches of 128, whose shared activation scale
+# gave other answers (the default model: 0.8815 then, 0.8730 one text per pass).
+INT8_MEASURED_AS = "one text per pass"
 
 
 def int8_is_safe(checkpoint: pathlib.Path) -> bool:
-    """Whether the checkpoint's tiergate_build.json shows int8 within a point of fp32.
+    """Whether the checkpoint's tiergate_build.json shows int8, scored as the
+    service scores it, within a point of fp32.
 
-    Models without that record (any model tiergate did not build) are not
-    quantized automatically: nobody measured what it costs them.
+    Models without that record (any model tiergate did not build, or built
+    before int8 was measured as served) are not quantized automatically:
+    nobody measured what it costs them.
     """
     try:
         info = json.loads((checkpoint / "tiergate_build.json").read_text(encoding="utf-8"))
-        return info["accuracy"] - info["accuracy_int8"] <= INT8_MAX_ACCURACY_LOSS
+        return (info["int8_measured_as"] == INT8_MEASURED_AS
+                and info["accuracy"] - info["accuracy_int8"] <= INT8_MAX_ACCURACY_LOSS)
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+# Scores of one text alone and beside others may differ by this much at most
+# (float rounding: float32 measured 7e-7 on the default model, texts of 1 to
+# 256 tokens in one padded batch). More, and the model is served one text per pass.
+BATCH_INVARIANCE_TOLERANCE = 1e-5
+
+# What decides int8-dynamic answers besides the weights: one text per pass. It
+# is hashed into the fingerprint, so answers cached when int8 passes held
+# several texts (and so depended on them) are never served as this model's.
+INT8_DYNAMIC_PASS = b"int8-dynamic, one text per pass"
 
 
 def quantize_int8(model):
     """int8 dynamic quantization of every Linear layer (CPU inference).
 
     Weights are quantized per output channel: on the default model per-tensor
-    scales cost 1.4 points of held-out accuracy, per-channel 0.35.
+    scales cost 1.4 points of held-out accuracy, per-channel 0.35. Activations
+    get one scale per Linear call, from the min and max of the whole pass,
+    padding included: batched, a text's answer depends on every text beside it
+    (measured: 197 of 200 scores moved by over 1e-4, 13 labels flipped, in
+    batches of 4). So an int8 model scores one text per pass
+    (ModelInfo.max_batch_texts = 1), which cost 7% here (AVX2, 2 lanes: 137
+    vs 148 texts/s). Per-row activation scales (each token its own, through
+    fbgemm with the rows mapped onto [0, 1]) are no way out: quantization turns
+    the float rounding that padding causes in attention into score changes of
+    up to 0.04, so they too need one text per pass, where they were as fast as
+    float32 here (85 vs 84 texts/s); torch._int_mm, which takes per-row scales,
+    is ~100x slower than fbgemm on AVX2.
     """
     import torch
 
@@ -172,6 +205,15 @@ def _fingerprint_source(model, labels: tuple[str, ...], tokenizer):
     backend = getattr(tokenizer, "backend_tokenizer", None)
     digest.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
     return digest
+
+
+class _DropLossTypeWarning(logging.Filter):
+    """transformers warns "`loss_type=None` was set in the config but it is
+    unrecognized" whenever something reads model.loss_function, as tracing
+    does; a loss is never computed here, so that one line is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("`loss_type=")
 
 
 def _eager_logits(model):
@@ -233,17 +275,24 @@ class SequenceClassifier:
         if quantize:
             model = quantize_int8(model)
             dtype = "int8-dynamic"
-        fingerprint_src.update(dtype.encode())
+        fingerprint_src.update(INT8_DYNAMIC_PASS if quantize else dtype.encode())
         model.to(device)
 
         model_id = getattr(model.config, "tiergate_model_id", None) or (local.name if local.exists() else cfg.source)
-        self._tokenizer, self._labels = tokenizer, labels
+        self._tokenizer, self._labels, self._device = tokenizer, labels, device
+        self._max_texts = 1 if quantize else None
         self._logits = _eager_logits(model)
         graph = "eager"
         if cfg.torchscript or (cfg.torchscript is None and device == "cpu"):
             from inference.torchscript import trace_logits
 
-            traced, why_not = trace_logits(model, self.tokenize, device)
+            loss_filter = _DropLossTypeWarning()
+            hf_model_log = logging.getLogger("transformers.modeling_utils")
+            hf_model_log.addFilter(loss_filter)
+            try:
+                traced, why_not = trace_logits(model, self.tokenize, device, self._max_texts)
+            finally:
+                hf_model_log.removeFilter(loss_filter)
             if traced is not None:
                 self._logits, graph = traced, "torchscript"
             elif cfg.torchscript:
@@ -251,18 +300,40 @@ class SequenceClassifier:
             else:
                 log.warning("serving the model without TorchScript: %s", why_not)
         del model  # self._logits holds what serves it
+        if self._max_texts is None:
+            self._max_texts = self._check_batch_invariance()
         # The float32 model quantization replaced sits in reference cycles
         # until the collector runs: free it now, then hand its pages back, so
         # that the trim ceiling below starts from what serving really holds.
         gc.collect()
         release_freed_memory()
         self._rss_ceiling = resident_bytes() + self.config.memory_headroom_mb * 1024 * 1024
-        self._device = device
         self.info = ModelInfo(model_id, labels, fingerprint_src.hexdigest()[:16], device, dtype, lanes, self._threads,
-                              graph)
-        log.info("loaded model %s (%s, %s, %s, %d lane(s) of %d thread(s)) fingerprint %s",
-                 model_id, device, dtype, graph, lanes, self._threads, self.info.fingerprint)
+                              graph, self._max_texts)
+        log.info("loaded model %s (%s, %s, %s, %d lane(s) of %d thread(s), %s per pass) fingerprint %s",
+                 model_id, device, dtype, graph, lanes, self._threads,
+                 "any number of texts" if self._max_texts is None else f"at most {self._max_texts} text(s)",
+                 self.info.fingerprint)
         return self.info
+
+    def _check_batch_invariance(self) -> int | None:
+        """None when the probe texts score the same alone as in one padded
+        batch (within BATCH_INVARIANCE_TOLERANCE), else 1: one text per pass.
+
+        float32 on a CPU passes by a wide margin; this catches a device or
+        kernel whose answers depend on the batch, before any is cached."""
+        import torch
+
+        from inference.torchscript import PROBE_TEXTS
+
+        together = self._probabilities(self.tokenize(PROBE_TEXTS))
+        alone = torch.cat([self._probabilities(self.tokenize([text])) for text in PROBE_TEXTS])
+        worst = (together - alone).abs().max().item()
+        if worst <= BATCH_INVARIANCE_TOLERANCE:
+            return None
+        log.warning("this model's scores depend on the batch (by up to %.3g on the load check): scoring one text "
+                    "per pass", worst)
+        return 1
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Token counts (capped at max_length), for grouping texts of similar length."""
@@ -275,8 +346,13 @@ class SequenceClassifier:
         )
 
     def forward(self, encoded) -> list[tuple[str, float]]:
+        """Scores one tokenized pass; refuses more texts than the model's answers allow in one pass."""
         import torch
 
+        rows = len(encoded["input_ids"])
+        if self._max_texts is not None and rows > self._max_texts:
+            raise ValueError(f"a pass of {rows} texts for a model whose answers depend on the batch beyond "
+                             f"{self._max_texts} text(s) per pass; score() splits texts as needed")
         if not getattr(self._tuned, "done", False):
             # torch's thread count is a per-thread OpenMP setting: a lane's
             # thread would otherwise use one thread per core, and lanes side
@@ -287,10 +363,7 @@ class SequenceClassifier:
             torch.set_num_threads(self._threads)
             _lower_thread_priority(self.config.nice)  # torch's own threads, started from here, inherit it
             self._tuned.done = True
-        with torch.inference_mode():
-            inputs = {k: v.to(self._device) for k, v in encoded.items()}
-            probs = torch.softmax(self._logits(inputs).float(), dim=-1)
-            scores, idx = probs.max(dim=-1)
+        scores, idx = self._probabilities(encoded).max(dim=-1)
         results = [(self._labels[i], s) for i, s in zip(idx.tolist(), scores.tolist())]
         # glibc keeps the heap that forward passes of varying shapes fragment
         # (measured, 2 lanes, batches of 8: 520 MB after loading, 734 MB after
@@ -300,7 +373,18 @@ class SequenceClassifier:
             release_freed_memory()
         return results
 
+    def _probabilities(self, encoded):
+        import torch
+
+        with torch.inference_mode():
+            inputs = {k: v.to(self._device) for k, v in encoded.items()}
+            return torch.softmax(self._logits(inputs).float(), dim=-1)
+
     def score(self, texts: list[str]) -> list[tuple[str, float]]:
+        """Scores texts in passes of as many as the model's answers allow (one at a time for int8-dynamic)."""
         if self._logits is None:
             raise RuntimeError("SequenceClassifier.score() called before load()")
-        return self.forward(self.tokenize(texts))
+        step = self._max_texts or max(1, len(texts))
+        return [result for start in range(0, len(texts), step)
+                for result in self.forward(self.tokenize(texts[start : start + step]))]
+

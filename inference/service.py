@@ -13,20 +13,22 @@ import logging
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
-from inference.batcher import BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
+from inference.batcher import BatcherConfig, DynamicBatcher, QueueFull
 from inference.channel_options import SERVER_OPTIONS
 from inference.model import ModelConfig, SequenceClassifier
 from protos import inference_pb2, inference_pb2_grpc
+from protos.health import HEALTH_SERVICE, HealthService
+from protos.errors import Cancelled, ModelFailed, TiergateError, status_for
 
-__all__ = ["InferenceConfig", "InferenceServer", "start_inference_server"]
+__all__ = ["InferenceConfig", "InferenceServer", "SHUTTING_DOWN"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+SHUTTING_DOWN = "the inference service is shutting down; the gateway sends new texts to another replica"
 
 
 @dataclass(frozen=True)
@@ -42,14 +44,13 @@ class InferenceConfig:
 
 
 def _error_result(item_id: int, exc: BaseException) -> inference_pb2.ScoreResult:
-    if isinstance(exc, QueueFull):
-        code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    elif isinstance(exc, DeadlineExpired):
-        code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
-    elif isinstance(exc, asyncio.CancelledError):
-        code, message = grpc.StatusCode.CANCELLED, "cancelled"
-    else:
-        code, message = grpc.StatusCode.INTERNAL, "the model failed to score this text"
+    # The batcher's refusals (QueueFull, DeadlineExpired) are TiergateErrors already.
+    if isinstance(exc, asyncio.CancelledError):
+        exc = Cancelled("cancelled")
+    elif not isinstance(exc, TiergateError):
+        log.error("the model failed to score a text", exc_info=exc)
+        exc = ModelFailed("the model failed to score this text (logged by the inference service)")
+    code, message = status_for(exc)
     return inference_pb2.ScoreResult(id=item_id, code=code.value[0], message=message)
 
 
@@ -62,6 +63,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             model_id=info.model_id, labels=list(info.labels), fingerprint=info.fingerprint,
             device=info.device, dtype=info.dtype,
         )
+        self._closing = False
+        self._readers: set[asyncio.Task] = set()  # of the open Score streams
+
+    def close_intake(self) -> None:
+        """Score streams stop reading new texts: each answers those it holds,
+        then ends UNAVAILABLE, and the gateway's client reconnects (to another
+        replica, where there is one); texts it sent meanwhile fail there as
+        lost with the stream, so they may be sent again elsewhere."""
+        self._closing = True
+        for reader in self._readers:
+            reader.cancel()
 
     async def Describe(self, request, context):
         return self._info
@@ -72,6 +84,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return inference_pb2.InferenceStats(counters=counters)
 
     async def Score(self, request_iterator, context):
+        if self._closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         # Results (or None, a wake-up for a cancelled item) queue here as
         # batches finish; the loop below sends everything ready in one message.
         outbox: asyncio.Queue = asyncio.Queue()
@@ -106,6 +120,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 outbox.put_nowait(_READ_DONE)
 
         reader = asyncio.create_task(read())
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
         reading = True
         try:
             while reading or pending:
@@ -122,6 +138,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     yield inference_pb2.ScoreResponse(
                         results=results, fingerprint=self._info.fingerprint, queue_depth=self._batcher.depth
                     )
+            if self._closing:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         finally:
             reader.cancel()
             for future in list(pending.values()):
@@ -138,25 +156,30 @@ class InferenceServer:
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._batcher: DynamicBatcher | None = None
+        self._servicer: InferenceServicer | None = None
+        self._stopped = False
+        self._health: HealthService | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         # Loading takes seconds: keep the loop free (and signals handled) meanwhile.
         await loop.run_in_executor(None, self.model.load)
         info = self.model.info
-        self._batcher = DynamicBatcher(self.model.forward, self.config.batcher.for_device(info.device),
+        self._batcher = DynamicBatcher(self.model.forward, self.config.batcher.for_model(info),
                                        prepare_batch=self.model.tokenize, lanes=info.lanes)
         self._batcher.start()
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.model, self._batcher), server)
-        health = HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        reflection.enable_server_reflection([SERVICE_NAME, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server)
+        self._servicer = InferenceServicer(self.model, self._batcher)
+        inference_pb2_grpc.add_InferenceServicer_to_server(self._servicer, server)
+        health = HealthService()
+        server.add_generic_rpc_handlers([health.generic_handler()])
+        reflection.enable_server_reflection([SERVICE_NAME, reflection.SERVICE_NAME, HEALTH_SERVICE], server)
         self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         await server.start()
         for name in ("", SERVICE_NAME):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
+        self._health = health
         # The model, torch and transformers live as long as the process: keep
         # them out of the collector's full passes (as the gateway does).
         gc.collect()
@@ -166,17 +189,21 @@ class InferenceServer:
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
 
-    async def wait(self) -> None:
-        await self._server.wait_for_termination()
+    async def drain(self) -> None:
+        """Health NOT_SERVING for every name at once (and for good); texts are still scored."""
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
 
-    async def stop(self, grace: float = 2.0) -> None:
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """No new connections or Score streams; open streams answer what they
+        hold (see close_intake) within grace_s; then the batcher closes. Once:
+        a later call returns at once."""
+        if self._stopped:
+            return
+        self._stopped = True
         if self._server is not None:
-            await self._server.stop(grace)
+            self._servicer.close_intake()
+            await self.drain()
+            await self._server.stop(grace_s)
         if self._batcher is not None:
             await self._batcher.close()
-
-
-async def start_inference_server(config: InferenceConfig) -> InferenceServer:
-    server = InferenceServer(config)
-    await server.start()
-    return server

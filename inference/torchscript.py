@@ -9,8 +9,9 @@ logits.
 
 Tracing records one run's control flow. Whatever of it depends on shapes is
 checked before the graph is used: on probe batches of other sizes and lengths
-than the traced one (one word, padding, truncation at max_length) it must give
-the eager model's logits, or the eager model is served and the log says why.
+than the traced one (one word, padding, truncation at max_length), cut into
+passes as the service cuts them (one text per pass for int8-dynamic), it must
+give the eager model's logits, or the eager model is served and the log says why.
 Only this module imports torch for it; the gateway never loads it.
 """
 
@@ -21,7 +22,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["trace_logits", "TracedLogits"]
+__all__ = ["trace_logits", "TracedLogits", "PROBE_TEXTS"]
 
 # Tracing example: two texts of different lengths, so the padding path is what gets recorded.
 _EXAMPLE = ["a short text", "a somewhat longer text, so that the batch holds some padding for the mask"]
@@ -32,6 +33,9 @@ _PROBES = [
     ["a long text that the tokenizer truncates at max_length: " + "word " * 400, "and a short one"],
     [f"text number {i} of a larger batch" for i in range(9)],
 ]
+# Texts of 1 to 256 tokens: model.py scores them alone and in one padded batch
+# to check that a model's answers do not depend on the batch.
+PROBE_TEXTS = [text for probe in _PROBES for text in probe]
 MAX_LOGIT_DIFF = 1e-3  # well above float rounding between two runs of the same kernels, far below a label flip
 
 
@@ -58,10 +62,13 @@ class _LogitsOnly(torch.nn.Module):
         return self.model(**dict(zip(self.input_names, tensors)), return_dict=False)[0]
 
 
-def trace_logits(model, tokenize: Callable[[list[str]], dict], device: str) -> tuple[TracedLogits | None, str]:
+def trace_logits(model, tokenize: Callable[[list[str]], dict], device: str,
+                 max_texts_per_pass: int | None = None) -> tuple[TracedLogits | None, str]:
     """(the traced model, "") when it matches the eager model on every probe, else (None, why not).
 
-    `tokenize` is the serving tokenizer call (padding, truncation at max_length)."""
+    `tokenize` is the serving tokenizer call (padding, truncation at max_length);
+    probes are scored in passes of at most `max_texts_per_pass` texts (None: any),
+    as the service will score texts."""
 
     def encode(texts: list[str]) -> dict:
         return {name: tensor.to(device) for name, tensor in tokenize(texts).items()}
@@ -79,8 +86,10 @@ def trace_logits(model, tokenize: Callable[[list[str]], dict], device: str) -> t
     except Exception as exc:  # any model tracing cannot handle: serve it eagerly
         return None, f"tracing failed ({exc.__class__.__name__}: {str(exc)[:200]})"
     traced = TracedLogits(graph, input_names)
+    step = max_texts_per_pass or max(map(len, _PROBES))
+    passes = [probe[i : i + step] for probe in _PROBES for i in range(0, len(probe), step)]
     with torch.inference_mode():
-        for probe in _PROBES:
+        for probe in passes:
             inputs = encode(probe)
             want = model(**inputs).logits
             try:

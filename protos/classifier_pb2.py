@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/classifier.proto\x12\x0btiergate.v1\"\x1f\n\x0f\x43lassifyRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x14\x43lassifyBatchRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"`\n\x10\x43lassifyResponse\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x1f\n\x04tier\x18\x03 \x01(\x0e\x32\x11.tiergate.v1.Tier\x12\r\n\x05model\x18\x04 \x01(\t\"G\n\x15\x43lassifyBatchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.tiergate.v1.ClassifyResponse\"\x11\n\x0fGetStatsRequest\"\xc5\x01\n\x0cGatewayStats\x12\x39\n\x08\x63ounters\x18\x01 \x03(\x0b\x32\'.tiergate.v1.GatewayStats.CountersEntry\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07workers\x18\x03 \x01(\x05\x12\x13\n\x0bmodel_dtype\x18\x04 \x01(\t\x12\x14\n\x0cmodel_device\x18\x05 \x01(\t\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01*S\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0b\n\x07TIER_L1\x10\x01\x12\x0b\n\x07TIER_L2\x10\x02\x12\x0b\n\x07TIER_L3\x10\x03\x12\x0e\n\nTIER_MODEL\x10\x04\x32\x80\x02\n\nClassifier\x12G\n\x08\x43lassify\x12\x1c.tiergate.v1.ClassifyRequest\x1a\x1d.tiergate.v1.ClassifyResponse\x12V\n\rClassifyBatch\x12!.tiergate.v1.ClassifyBatchRequest\x1a\".tiergate.v1.ClassifyBatchResponse\x12Q\n\x0e\x43lassifyStream\x12\x1c.tiergate.v1.ClassifyRequest\x1a\x1d.tiergate.v1.ClassifyResponse(\x01\x30\x01\x32S\n\x0cGatewayAdmin\x12\x43\n\x08GetStats\x12\x1c.tiergate.v1.GetStatsRequest\x1a\x19.tiergate.v1.GatewayStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/classifier.proto\x12\x0btiergate.v1\"\x1f\n\x0f\x43lassifyRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x14\x43lassifyBatchRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"\x87\x01\n\x10\x43lassifyResponse\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x1f\n\x04tier\x18\x03 \x01(\x0e\x32\x11.tiergate.v1.Tier\x12\r\n\x05model\x18\x04 \x01(\t\x12%\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x16.tiergate.v1.ItemError\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"G\n\x15\x43lassifyBatchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.tiergate.v1.ClassifyResponse\"\x11\n\x0fGetStatsRequest\"\xc5\x01\n\x0cGatewayStats\x12\x39\n\x08\x63ounters\x18\x01 \x03(\x0b\x32\'.tiergate.v1.GatewayStats.CountersEntry\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07workers\x18\x03 \x01(\x05\x12\x13\n\x0bmodel_dtype\x18\x04 \x01(\t\x12\x14\n\x0cmodel_device\x18\x05 \x01(\t\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01*S\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0b\n\x07TIER_L1\x10\x01\x12\x0b\n\x07TIER_L2\x10\x02\x12\x0b\n\x07TIER_L3\x10\x03\x12\x0e\n\nTIER_MODEL\x10\x04\x32\x80\x02\n\nClassifier\x12G\n\x08\x43lassify\x12\x1c.tiergate.v1.ClassifyRequest\x1a\x1d.tiergate.v1.ClassifyResponse\x12V\n\rClassifyBatch\x12!.tiergate.v1.ClassifyBatchRequest\x1a\".tiergate.v1.ClassifyBatchResponse\x12Q\n\x0e\x43lassifyStream\x12\x1c.tiergate.v1.ClassifyRequest\x1a\x1d.tiergate.v1.ClassifyResponse(\x01\x30\x01\x32S\n\x0cGatewayAdmin\x12\x43\n\x08GetStats\x12\x1c.tiergate.v1.GetStatsRequest\x1a\x19.tiergate.v1.GatewayStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,24 +33,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GATEWAYSTATS_COUNTERSENTRY']._loaded_options = None
   _globals['_GATEWAYSTATS_COUNTERSENTRY']._serialized_options = b'8\001'
-  _globals['_TIER']._serialized_start=502
-  _globals['_TIER']._serialized_end=585
+  _globals['_TIER']._serialized_start=586
+  _globals['_TIER']._serialized_end=669
   _globals['_CLASSIFYREQUEST']._serialized_start=40
   _globals['_CLASSIFYREQUEST']._serialized_end=71
   _globals['_CLASSIFYBATCHREQUEST']._serialized_start=73
   _globals['_CLASSIFYBATCHREQUEST']._serialized_end=110
-  _globals['_CLASSIFYRESPONSE']._serialized_start=112
-  _globals['_CLASSIFYRESPONSE']._serialized_end=208
-  _globals['_CLASSIFYBATCHRESPONSE']._serialized_start=210
-  _globals['_CLASSIFYBATCHRESPONSE']._serialized_end=281
-  _globals['_GETSTATSREQUEST']._serialized_start=283
-  _globals['_GETSTATSREQUEST']._serialized_end=300
-  _globals['_GATEWAYSTATS']._serialized_start=303
-  _globals['_GATEWAYSTATS']._serialized_end=500
-  _globals['_GATEWAYSTATS_COUNTERSENTRY']._serialized_start=453
-  _globals['_GATEWAYSTATS_COUNTERSENTRY']._serialized_end=500
-  _globals['_CLASSIFIER']._serialized_start=588
-  _globals['_CLASSIFIER']._serialized_end=844
-  _globals['_GATEWAYADMIN']._serialized_start=846
-  _globals['_GATEWAYADMIN']._serialized_end=929
+  _globals['_CLASSIFYRESPONSE']._serialized_start=113
+  _globals['_CLASSIFYRESPONSE']._serialized_end=248
+  _globals['_ITEMERROR']._serialized_start=250
+  _globals['_ITEMERROR']._serialized_end=292
+  _globals['_CLASSIFYBATCHRESPONSE']._serialized_start=294
+  _globals['_CLASSIFYBATCHRESPONSE']._serialized_end=365
+  _globals['_GETSTATSREQUEST']._serialized_start=367
+  _globals['_GETSTATSREQUEST']._serialized_end=384
+  _globals['_GATEWAYSTATS']._serialized_start=387
+  _globals['_GATEWAYSTATS']._serialized_end=584
+  _globals['_GATEWAYSTATS_COUNTERSENTRY']._serialized_start=537
+  _globals['_GATEWAYSTATS_COUNTERSENTRY']._serialized_end=584
+  _globals['_CLASSIFIER']._serialized_start=672
+  _globals['_CLASSIFIER']._serialized_end=928
+  _globals['_GATEWAYADMIN']._serialized_start=930
+  _globals['_GATEWAYADMIN']._serialized_end=1013
 # @@protoc_insertion_point(module_scope)

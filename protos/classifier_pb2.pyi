@@ -33,16 +33,26 @@ class ClassifyBatchRequest(_message.Message):
     def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("label", "score", "tier", "model")
+    __slots__ = ("label", "score", "tier", "model", "error")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     label: str
     score: float
     tier: Tier
     model: str
-    def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ..., tier: _Optional[_Union[Tier, str]] = ..., model: _Optional[str] = ...) -> None: ...
+    error: ItemError
+    def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ..., tier: _Optional[_Union[Tier, str]] = ..., model: _Optional[str] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
+
+class ItemError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ClassifyBatchResponse(_message.Message):
     __slots__ = ("results",)

@@ -78,8 +78,11 @@ class ClassifierServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ClassifyStream(self, request_iterator, context):
-        """One response per request, in request order, on a long-lived stream. An
-        invalid request ends the stream with INVALID_ARGUMENT.
+        """One response per request, in request order, on a long-lived stream. A
+        text that has no answer (empty, too long or not UTF-8; model saturated or
+        unreachable; deadline passed) gets a response with `error` set, in its
+        place, and the stream goes on. Only a message that is not a
+        ClassifyRequest at all ends the stream, with INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -264,3 +264,17 @@ def test_default_batch_size_depends_on_the_device():
     assert BatcherConfig().for_device("cuda:0").max_batch == 64
     assert BatcherConfig(max_batch=7).for_device("cuda").max_batch == 7
     assert BatcherConfig(max_queue=16).for_device("cuda").max_batch == 16  # never more than the queue holds
+
+
+def test_the_batch_size_never_exceeds_what_keeps_the_models_answers_batch_free():
+    from inference.model import ModelInfo
+
+    def info(dtype, limit, device="cpu"):
+        return ModelInfo("m", ("a", "b"), "f", device, dtype, max_batch_texts=limit)
+
+    assert BatcherConfig().for_model(info("float32", None)).max_batch == 4
+    assert BatcherConfig(max_batch=16).for_model(info("float32", None, "cuda")).max_batch == 16
+    assert BatcherConfig().for_model(info("int8-dynamic", 1)).max_batch == 1
+    assert BatcherConfig(max_batch=1).for_model(info("int8-dynamic", 1)).max_batch == 1
+    with pytest.raises(ValueError, match="--max-batch-texts 8: the int8-dynamic model scores at most 1 text"):
+        BatcherConfig(max_batch=8).for_model(info("int8-dynamic", 1))

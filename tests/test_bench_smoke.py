@@ -17,6 +17,7 @@ from dataclasses import asdict
 import grpc
 import pytest
 
+from gateway.bench.catalog import check_scenarios
 from gateway.bench.config import BenchConfig, parse_duration, parse_rates
 from gateway.bench.goals import check_targets, render_targets
 from gateway.bench.loadgen import Ghz, Grpcload, LoadResult, LoadSpec, PythonLoad, ghz_messages, status_name
@@ -111,7 +112,7 @@ def test_settings_are_validated_with_the_bad_value():
     with pytest.raises(ValueError, match="'10 parsecs'"):
         parse_duration("10 parsecs")
     with pytest.raises(ValueError, match="'hit-everything'"):
-        BenchConfig(scenarios=("hit-unary", "hit-everything"))
+        check_scenarios(("hit-unary", "hit-everything"))
     with pytest.raises(ValueError, match="got 0"):
         BenchConfig(scenarios=("miss",), concurrency=0)
     with pytest.raises(ValueError, match="'localhost'"):

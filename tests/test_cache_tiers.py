@@ -1,5 +1,6 @@
-"""The CacheTier contract, run against every tier (L1, L2 on real LMDB, L3 on a
-real redis-server), plus L1's own pieces: the LRU bound and the KeyFilter."""
+"""The CacheTier contract, run against every tier that stores value bytes (L2
+on real LMDB, L3 on a real redis-server), plus the KeyFilter and its sizing
+from the L2 budget. (L1 holds answers, not bytes: tested with the tiered cache.)"""
 
 from __future__ import annotations
 
@@ -10,18 +11,22 @@ from typing import Callable, Sequence
 
 import pytest
 
-from cache import CacheTier, Entry, KeyFilter, LmdbConfig, LmdbTier, MemoryTier, RedisConfig, RedisTier
+from cache.l1 import KeyFilter
+from cache.l2_lmdb import LmdbConfig, LmdbTier, filter_capacity_for
+from cache.l3_redis import RedisConfig, RedisTier
+from cache.tier import CacheTier
 from tests.support.redis_server import RedisServer, redis_server  # noqa: F401
 
 MiB = 1 << 20
+FAR = 4_000_000_000.0  # an expires_at beyond any TTL used here
 
 
 def new_keys(n: int) -> list[bytes]:
     return [os.urandom(16) for _ in range(n)]
 
 
-async def get_when_stored(tier: CacheTier, keys: Sequence[bytes], expected: Sequence[Entry],
-                          timeout: float = 5.0) -> list[Entry | None]:  # fmt: skip
+async def get_when_stored(tier: CacheTier, keys: Sequence[bytes], expected: Sequence[bytes | None],
+                          timeout: float = 5.0) -> list[bytes | None]:  # fmt: skip
     """Poll until the tier answers `expected`: put_many may queue (L2 does)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -31,12 +36,10 @@ async def get_when_stored(tier: CacheTier, keys: Sequence[bytes], expected: Sequ
         await asyncio.sleep(0.005)
 
 
-@pytest.fixture(params=["l1", "l2", "l3"])
+@pytest.fixture(params=["l2", "l3"])
 def make_tier(request: pytest.FixtureRequest, tmp_path) -> Callable[[], CacheTier]:
     """A factory, called inside the test's event loop (Redis connections
     belong to the loop that opens them)."""
-    if request.param == "l1":
-        return lambda: MemoryTier(1000)
     if request.param == "l2":
         return lambda: LmdbTier(LmdbConfig(tmp_path / "l2", max_bytes=4 * MiB, map_size=64 * MiB,
                                            sync_interval_s=0.05))  # fmt: skip
@@ -50,21 +53,21 @@ def test_is_a_cache_tier(make_tier):
         tier = make_tier()
         try:
             assert isinstance(tier, CacheTier)
-            assert tier.name in ("l1", "l2", "l3")
+            assert tier.name in ("l2", "l3")
         finally:
             await tier.close()
 
     asyncio.run(main())
 
 
-def test_put_then_get_returns_the_entries(make_tier):
+def test_put_then_get_returns_the_values(make_tier):
     async def main():
         tier = make_tier()
         try:
             keys = new_keys(5)
-            entries = [Entry(f"label-{i}", i / 8) for i in range(5)]  # float32-exact scores
-            await tier.put_many(list(zip(keys, entries)))
-            assert await get_when_stored(tier, keys, entries) == entries
+            values = [os.urandom(i * 20) for i in range(5)]  # opaque bytes, the empty value too
+            await tier.put_many([(k, v, FAR) for k, v in zip(keys, values)])
+            assert await get_when_stored(tier, keys, values) == values
         finally:
             await tier.close()
 
@@ -76,9 +79,9 @@ def test_unknown_keys_miss(make_tier):
         tier = make_tier()
         try:
             known = new_keys(2)
-            entries = [Entry("positive", 0.75), Entry("negative", 0.25)]
-            await tier.put_many(list(zip(known, entries)))
-            await get_when_stored(tier, known, entries)
+            values = [b"positive", b"negative"]
+            await tier.put_many([(k, v, FAR) for k, v in zip(known, values)])
+            await get_when_stored(tier, known, values)
             assert await tier.get_many(new_keys(3)) == [None, None, None]
             assert await tier.get_many([]) == []
         finally:
@@ -92,11 +95,11 @@ def test_get_many_keeps_order_and_handles_duplicates(make_tier):
         tier = make_tier()
         try:
             k = new_keys(4)
-            entries = [Entry("a", 0.5), Entry("b", 0.25), Entry("c", 0.125)]
-            await tier.put_many(list(zip(k[:3], entries)))
-            await get_when_stored(tier, k[:3], entries)
+            values = [b"a", b"b", b"c"]
+            await tier.put_many([(key, v, FAR) for key, v in zip(k[:3], values)])
+            await get_when_stored(tier, k[:3], values)
             got = await tier.get_many([k[2], k[0], k[3], k[2], k[1], k[0]])
-            assert got == [entries[2], entries[0], None, entries[2], entries[1], entries[0]]
+            assert got == [values[2], values[0], None, values[2], values[1], values[0]]
         finally:
             await tier.close()
 
@@ -108,10 +111,25 @@ def test_overwrite_replaces_the_entry(make_tier):
         tier = make_tier()
         try:
             (key,) = new_keys(1)
-            await tier.put_many([(key, Entry("old", 0.5))])
-            await get_when_stored(tier, [key], [Entry("old", 0.5)])
-            await tier.put_many([(key, Entry("new", 0.25))])
-            assert await get_when_stored(tier, [key], [Entry("new", 0.25)]) == [Entry("new", 0.25)]
+            await tier.put_many([(key, b"old", FAR)])
+            await get_when_stored(tier, [key], [b"old"])
+            await tier.put_many([(key, b"new", FAR)])
+            assert await get_when_stored(tier, [key], [b"new"]) == [b"new"]
+        finally:
+            await tier.close()
+
+    asyncio.run(main())
+
+
+def test_forget_deletes_and_expired_items_are_not_stored(make_tier):
+    async def main():
+        tier = make_tier()
+        try:
+            keep, drop, expired = new_keys(3)
+            await tier.put_many([(keep, b"keep", FAR), (drop, b"drop", FAR), (expired, b"old", time.time() - 1)])
+            await get_when_stored(tier, [keep, drop], [b"keep", b"drop"])
+            await tier.forget([drop])
+            assert await get_when_stored(tier, [keep, drop, expired], [b"keep", None, None]) == [b"keep", None, None]
         finally:
             await tier.close()
 
@@ -121,31 +139,14 @@ def test_overwrite_replaces_the_entry(make_tier):
 def test_close_works_and_can_be_repeated(make_tier):
     async def main():
         tier = make_tier()
-        await tier.put_many([(new_keys(1)[0], Entry("x", 1.0))])
+        await tier.put_many([(new_keys(1)[0], b"x", FAR)])
         await tier.close()
         await tier.close()
 
     asyncio.run(main())
 
 
-# -- L1 -----------------------------------------------------------------------
-
-
-def test_memory_tier_evicts_least_recently_used():
-    l1 = MemoryTier(max_entries=3)
-    a, b, c, d = new_keys(4)
-    for key in (a, b, c):
-        l1.put(key, Entry("x", 0.5))
-    assert l1.get(a) is not None  # a is now the most recently used
-    l1.put(d, Entry("y", 0.5))
-    assert len(l1) == 3
-    assert l1.get(b) is None  # the least recently used went
-    assert all(l1.get(k) is not None for k in (a, c, d))
-
-
-def test_memory_tier_rejects_a_bad_size():
-    with pytest.raises(ValueError, match="got 0"):
-        MemoryTier(0)
+# -- the KeyFilter --------------------------------------------------------------
 
 
 def test_key_filter_knows_what_was_added():
@@ -191,3 +192,68 @@ def test_key_filter_rejects_bad_settings():
         KeyFilter(0)
     with pytest.raises(ValueError, match="got 1.5"):
         KeyFilter(10, error_rate=1.5)
+
+
+# -- the KeyFilter is sized from the L2 budget (issue 9 item 10) -------------------
+
+
+def fill_to_the_budget(tier: LmdbTier, value: bytes) -> int:
+    """Write until the budget is reached (eviction begins); return the most
+    entries L2 held: the densest it gets."""
+    peak = 0
+    while tier.counters["evicted"] == 0:
+        tier.put_many_nowait([(k, value, FAR) for k in new_keys(2000)])
+        assert tier.flush(30)
+        peak = max(peak, len(tier))
+    return peak
+
+
+def test_filter_capacity_covers_every_entry_the_default_l2_budget_can_hold(tmp_path):
+    # Measure how densely L2 packs the smallest real values (a 1-byte label),
+    # at a small budget, and scale to the default budget: the filter sized
+    # for the default must hold at least that many keys in one generation.
+    # (A fixed 1M per generation, as before, remembered about a third.)
+    small = LmdbConfig(tmp_path, max_bytes=4 * MiB, map_size=64 * MiB, sync_interval_s=0.05)
+    tier = LmdbTier(small)
+    try:
+        peak = fill_to_the_budget(tier, b"\x01" * 27)  # as long as a ValueCodec value of a 1-byte label
+    finally:
+        tier.close_sync()
+    assert filter_capacity_for(small) >= peak
+    default = LmdbConfig(tmp_path)
+    assert default.max_bytes == 512 * MiB
+    assert filter_capacity_for(default) >= peak * (default.max_bytes / small.max_bytes)
+
+
+def test_a_filter_warmed_from_a_full_l2_skips_none_of_it(tmp_path):
+    config = LmdbConfig(tmp_path, max_bytes=2 * MiB, map_size=64 * MiB, sync_interval_s=0.05)
+    tier = LmdbTier(config)
+    try:
+        fill_to_the_budget(tier, b"\x01" * 27)
+        for _ in range(3):  # and on into the plateau, with eviction at work
+            tier.put_many_nowait([(k, b"\x01" * 27, FAR) for k in new_keys(5000)])
+            assert tier.flush(30)
+        held = list(tier.iter_keys())
+    finally:
+        tier.close_sync()
+    kf = KeyFilter(filter_capacity_for(config), error_rate=0.0005)
+    for key in held:  # what a gateway does at start
+        kf.add(key)
+    assert kf.generations == 1  # all of it fits in one generation: the previous one stays free for later writes
+    assert sum(not kf.might_contain(k) for k in held) == 0
+
+
+def test_filter_capacity_flag_and_its_default_from_the_l2_budget(tmp_path):
+    from gateway.cli import build_parser, gateway_config
+
+    def config_of(*flags: str):
+        args = build_parser().parse_args(["gateway", "--lmdb-path", str(tmp_path), *flags])
+        return gateway_config(args, ["127.0.0.1:1"])
+
+    default = config_of()
+    assert default.filter_capacity is None  # sized when the gateway starts, from its L2 budget
+    assert filter_capacity_for(default.lmdb) == filter_capacity_for(LmdbConfig(tmp_path))
+    assert filter_capacity_for(config_of("--l2-max-mb", "64").lmdb) * 8 == pytest.approx(
+        filter_capacity_for(default.lmdb), rel=1e-5
+    )
+    assert config_of("--filter-capacity", "5000000").filter_capacity == 5_000_000

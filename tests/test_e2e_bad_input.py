@@ -59,11 +59,13 @@ def raw_call(address: str, method: str, payload: bytes, stream: bool = False):
 INVALID_UTF8_REQUEST = b"\x0a\x02\xff\xfe"
 
 
-@pytest.mark.parametrize("method, stream", [("Classify", False), ("ClassifyBatch", False), ("ClassifyStream", True)])
-def test_invalid_utf8_is_invalid_argument_not_unknown(gateway, method, stream):
-    err = call_error(raw_call, gateway.address, f"/tiergate.v1.Classifier/{method}", INVALID_UTF8_REQUEST, stream)
+@pytest.mark.parametrize("method", ["Classify", "ClassifyBatch"])
+def test_invalid_utf8_is_invalid_argument_not_unknown(gateway, method):
+    err = call_error(raw_call, gateway.address, f"/tiergate.v1.Classifier/{method}", INVALID_UTF8_REQUEST)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "valid UTF-8" in err.details()
+    if method == "ClassifyBatch":
+        assert "texts[0]" in err.details()
 
 
 def test_garbage_bytes_are_invalid_argument(gateway):
@@ -71,16 +73,20 @@ def test_garbage_bytes_are_invalid_argument(gateway):
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_stream_with_a_bad_request_answers_the_good_ones_first(gateway):
+def test_a_stream_answers_bad_texts_in_band_and_goes_on(gateway):
     from protos import classifier_pb2_grpc
 
-    requests = [classifier_pb2.ClassifyRequest(text=t) for t in ("good one", "good two", "", "never reached")]
-    replies = []
+    texts = ("good one", "good two", "", "x" * 101, "after them")
     with grpc.insecure_channel(gateway.address) as channel:
         stub = classifier_pb2_grpc.ClassifierStub(channel)
-        with pytest.raises(grpc.RpcError) as err:
-            for reply in stub.ClassifyStream(iter(requests), timeout=10):
-                replies.append(reply)
-    assert len(replies) == 2
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "stream request #2" in err.value.details()
+        replies = list(stub.ClassifyStream(iter(classifier_pb2.ClassifyRequest(text=t) for t in texts), timeout=10))
+        raw = list(channel.stream_stream("/tiergate.v1.Classifier/ClassifyStream")(
+            iter([INVALID_UTF8_REQUEST, classifier_pb2.ClassifyRequest(text="fine").SerializeToString()]), timeout=10))
+    assert len(replies) == len(texts)
+    assert [bool(r.label) for r in replies] == [True, True, False, False, True]
+    for bad, fragment in ((replies[2], "empty"), (replies[3], "101 bytes")):
+        assert bad.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert fragment in bad.error.message
+    first, second = (classifier_pb2.ClassifyResponse.FromString(r) for r in raw)
+    assert first.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "valid UTF-8" in first.error.message
+    assert second.label and not second.HasField("error")

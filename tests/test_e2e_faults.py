@@ -70,7 +70,7 @@ def test_inference_down_hits_served_misses_unavailable_then_recovered(procs, con
     with pytest.raises(grpc.RpcError) as err:
         client.classify("a new text while the model is down")
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "inference service is unavailable" in err.value.details()
+    assert "not reachable; cached texts are still served" in err.value.details()
     assert "Traceback" not in err.value.details()
 
     inference.start()  # same port; the gateway reconnects by itself

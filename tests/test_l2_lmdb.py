@@ -1,19 +1,21 @@
-"""L2 on real LMDB: persistence, TTL, the size budget, recovery from an unclean
-stop, and sharing one environment between processes."""
+"""L2 on real LMDB: persistence, TTL and remaining lifetimes, the size budget,
+forgetting, private files, recovery from an unclean stop, and sharing one
+environment between processes. (Damage of every kind: test_l2_damage.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
 import os
+import stat
 from pathlib import Path
 
 import pytest
 
-from cache import Entry, LmdbConfig, LmdbTier
-from cache.l2_lmdb import CLEAN_SHUTDOWN_MARKER
+from cache.l2_lmdb import CLEAN_SHUTDOWN_MARKER, LmdbConfig, LmdbTier
 
 MiB = 1 << 20
+FAR = 4_000_000_000.0  # an expires_at beyond any TTL used here
 
 
 def config(path: Path | str, **kw) -> LmdbConfig:
@@ -30,8 +32,8 @@ def keys_for(tag: str, n: int) -> list[bytes]:
     return [hashlib.blake2b(f"{tag}-{i}".encode(), digest_size=16).digest() for i in range(n)]
 
 
-def fill(tier: LmdbTier, keys: list[bytes], label: str = "positive") -> None:
-    tier.put_many_nowait([(k, Entry(label, 0.5)) for k in keys])
+def fill(tier: LmdbTier, keys: list[bytes], value: bytes = b"positive") -> None:
+    tier.put_many_nowait([(k, value, FAR) for k in keys])
     assert tier.flush(10)
 
 
@@ -75,7 +77,7 @@ def test_persists_across_close_and_reopen(tmp_path):
     tier = LmdbTier(config(tmp_path))
     try:
         assert not (tmp_path / CLEAN_SHUTDOWN_MARKER).exists()  # absent while open
-        assert tier.get_many_sync(keys) == [Entry("positive", 0.5)] * 100
+        assert tier.get_many_sync(keys) == [b"positive"] * 100
         assert sorted(tier.iter_keys()) == sorted(keys)
         assert tier.counters["rebuilt"] == 0
     finally:
@@ -96,9 +98,9 @@ def test_overwrite_keeps_one_age_row_per_key(tmp_path):
     keys = keys_for("over", 10)
     tier = LmdbTier(config(tmp_path))
     try:
-        fill(tier, keys, "old")
-        fill(tier, keys, "new")
-        assert tier.get_many_sync(keys) == [Entry("new", 0.5)] * 10
+        fill(tier, keys, b"old")
+        fill(tier, keys, b"new")
+        assert tier.get_many_sync(keys) == [b"new"] * 10
         rows, _pos = tier.keys_written_since(0, limit=1000)
         assert sorted(rows) == sorted(keys)  # old age rows were replaced, not left behind
     finally:
@@ -110,7 +112,8 @@ def test_closed_tier_misses_and_drops_instead_of_raising(tmp_path):
         tier = LmdbTier(config(tmp_path))
         await tier.close()
         assert await tier.get_many(keys_for("closed", 2)) == [None, None]
-        await tier.put_many([(keys_for("closed", 1)[0], Entry("x", 1.0))])
+        await tier.put_many([(keys_for("closed", 1)[0], b"x", FAR)])
+        tier.forget_nowait(keys_for("closed", 1))
 
     asyncio.run(main())
 
@@ -124,7 +127,7 @@ def test_expired_entries_miss_and_are_removed(tmp_path):
     try:
         old = keys_for("old", 20)
         fill(tier, old)
-        assert tier.get_many_sync(old[:1]) == [Entry("positive", 0.5)]
+        assert tier.get_many_sync(old[:1]) == [b"positive"]
         now[0] += 61
         assert tier.get_many_sync(old) == [None] * 20  # expired: a miss
         assert list(tier.iter_keys()) == []
@@ -132,9 +135,82 @@ def test_expired_entries_miss_and_are_removed(tmp_path):
         fill(tier, fresh)  # a write batch also removes expired entries
         assert tier.counters["expired"] == 20
         assert len(tier) == 5
-        assert tier.get_many_sync(fresh) == [Entry("positive", 0.5)] * 5
+        assert tier.get_many_sync(fresh) == [b"positive"] * 5
     finally:
         tier.close_sync()
+
+
+def test_an_entry_keeps_its_own_expiry_when_shorter_than_the_ttl(tmp_path):
+    # A value promoted from L3 with 10 s left must not get L2's 60 s afresh.
+    now = [1_700_000_000.0]
+    tier = LmdbTier(config(tmp_path, ttl_s=60), clock=lambda: now[0])
+    try:
+        short, long_, gone = keys_for("short", 3), keys_for("long", 3), keys_for("gone", 3)
+        tier.put_many_nowait([(k, b"short", now[0] + 10) for k in short])
+        tier.put_many_nowait([(k, b"long", now[0] + 3600) for k in long_])  # capped at the TTL
+        tier.put_many_nowait([(k, b"gone", now[0] - 1) for k in gone])  # already expired: skipped
+        assert tier.flush(10)
+        assert tier.get_many_sync(short + long_ + gone) == [b"short"] * 3 + [b"long"] * 3 + [None] * 3
+        assert len(tier) == 6
+        now[0] += 11
+        assert tier.get_many_sync(short + long_) == [None] * 3 + [b"long"] * 3
+        now[0] += 50
+        assert tier.get_many_sync(long_) == [None] * 3
+    finally:
+        tier.close_sync()
+
+
+def test_forgotten_keys_are_deleted_with_their_age_rows(tmp_path):
+    keys = keys_for("forget", 10)
+    tier = LmdbTier(config(tmp_path))
+    try:
+        fill(tier, keys)
+        tier.forget_nowait(keys[:4] + keys_for("never-written", 2))
+        assert tier.flush(10)
+        assert tier.get_many_sync(keys) == [None] * 4 + [b"positive"] * 6
+        assert tier.counters["forgotten"] == 4
+        rows, _pos = tier.keys_written_since(0, limit=1000)
+        assert sorted(rows) == sorted(keys[4:])
+        fill(tier, keys[:1])  # and a forgotten key can be written again
+        assert tier.get_many_sync(keys[:1]) == [b"positive"]
+    finally:
+        tier.close_sync()
+
+
+# -- private files ---------------------------------------------------------------
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_cache_files_are_private_whatever_the_umask(tmp_path):
+    path = tmp_path / "l2"
+    old_umask = os.umask(0o002)  # a permissive umask: files would be 0664 without an explicit mode
+    try:
+        tier = LmdbTier(config(path))
+        fill(tier, keys_for("private", 10))
+        tier.close_sync()
+    finally:
+        os.umask(old_umask)
+    assert _mode(path) == 0o700
+    files = sorted(p.name for p in path.iterdir())
+    assert {"data.mdb", "lock.mdb", CLEAN_SHUTDOWN_MARKER} <= set(files)
+    assert {name: _mode(path / name) for name in files} == dict.fromkeys(files, 0o600)
+
+
+def test_files_left_readable_by_an_older_version_are_made_private(tmp_path, caplog):
+    tier = LmdbTier(config(tmp_path))
+    tier.close_sync()
+    os.chmod(tmp_path, 0o755)  # someone else's choice of directory mode: warned about, left alone
+    for p in tmp_path.iterdir():
+        os.chmod(p, 0o644)
+    with caplog.at_level("WARNING"):
+        tier = LmdbTier(config(tmp_path))
+    tier.close_sync()
+    assert _mode(tmp_path) == 0o755
+    assert {p.name: _mode(p) for p in tmp_path.iterdir()} == dict.fromkeys((p.name for p in tmp_path.iterdir()), 0o600)
+    assert any("accessible to other users" in r.getMessage() for r in caplog.records)
 
 
 # -- the size budget -----------------------------------------------------------
@@ -155,7 +231,7 @@ def test_size_budget_keeps_used_bytes_under_max_bytes(tmp_path):
         held = len(tier)
         assert 0 < held < len(written)
         # Oldest writes went first, the newest are all still there.
-        assert tier.get_many_sync(written[-1000:]) == [Entry("positive", 0.5)] * 1000
+        assert tier.get_many_sync(written[-1000:]) == [b"positive"] * 1000
         assert tier.get_many_sync(written[:1000]) == [None] * 1000
         # The budget is used, not thrown away in big cliffs.
         assert tier.used_bytes() > 0.6 * budget
@@ -178,7 +254,7 @@ def _reopen_child(path: str, expect_rebuilt: int, expect_len: int) -> None:
         assert len(tier) == expect_len, len(tier)
         key = keys_for("after", 1)
         fill(tier, key)
-        assert tier.get_many_sync(key) == [Entry("positive", 0.5)]
+        assert tier.get_many_sync(key) == [b"positive"]
     finally:
         tier.close_sync()
 
@@ -225,10 +301,10 @@ def _sharing_child(path: str) -> None:
     tier = LmdbTier(config(path))
     try:
         # Sees what the parent wrote ...
-        assert tier.get_many_sync(keys_for("parent", 50)) == [Entry("parent", 0.5)] * 50
+        assert tier.get_many_sync(keys_for("parent", 50)) == [b"parent"] * 50
         assert tier.counters["rebuilt"] == 0
         # ... and writes for the parent to see.
-        tier.put_many_nowait([(k, Entry("child", 0.25)) for k in keys_for("child", 50)])
+        tier.put_many_nowait([(k, b"child", FAR) for k in keys_for("child", 50)])
         assert tier.flush(10)
     finally:
         tier.close_sync()
@@ -237,11 +313,11 @@ def _sharing_child(path: str) -> None:
 def test_two_processes_share_one_l2(tmp_path):
     tier = LmdbTier(config(tmp_path))
     try:
-        fill(tier, keys_for("parent", 50), "parent")
+        fill(tier, keys_for("parent", 50), b"parent")
         assert run_in_child(_sharing_child, str(tmp_path)) == 0
         # The child closed while this process still has L2 open: no marker yet.
         assert not (tmp_path / CLEAN_SHUTDOWN_MARKER).exists()
-        assert tier.get_many_sync(keys_for("child", 50)) == [Entry("child", 0.25)] * 50
+        assert tier.get_many_sync(keys_for("child", 50)) == [b"child"] * 50
         # The child's writes are in the age index, for the KeyFilter refresh.
         rows, _ = tier.keys_written_since(0, limit=1000)
         assert set(keys_for("child", 50)) <= set(rows)
@@ -250,11 +326,32 @@ def test_two_processes_share_one_l2(tmp_path):
     assert (tmp_path / CLEAN_SHUTDOWN_MARKER).exists()  # the last one out marks it
 
 
+def _open_and_die(path: str) -> None:
+    LmdbTier(config(path))
+    os.kill(os.getpid(), 9)  # as the OOM killer, or liblmdb aborting on a damaged page, would
+
+
+def test_a_user_that_died_makes_the_next_start_check_everything(tmp_path):
+    tier = LmdbTier(config(tmp_path))
+    try:
+        fill(tier, keys_for("parent", 50))
+        assert run_in_child(_open_and_die, str(tmp_path)) == -9
+    finally:
+        tier.close_sync()
+    # The last one out closed cleanly, but another user did not: no marker,
+    # so the next first opener walks the file before trusting it.
+    assert not (tmp_path / CLEAN_SHUTDOWN_MARKER).exists()
+    tier = LmdbTier(config(tmp_path))
+    tier.close_sync()
+    assert (tmp_path / CLEAN_SHUTDOWN_MARKER).exists()
+    assert not list(tmp_path.glob("tiergate-user-*"))
+
+
 def test_writes_beyond_max_pending_are_dropped_not_blocking(tmp_path):
     tier = LmdbTier(config(tmp_path, max_pending_writes=10))
     try:
         # The writer thread may drain between calls; one big call cannot fit.
-        tier.put_many_nowait([(k, Entry("x", 0.5)) for k in keys_for("many", 25)])
+        tier.put_many_nowait([(k, b"x", FAR) for k in keys_for("many", 25)])
         assert tier.counters["dropped"] == 15
         assert tier.flush(10)
         assert len(tier) == 10

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import inference.model as model_module
-from inference.model import ModelConfig, SequenceClassifier
+from inference.model import INT8_MEASURED_AS, ModelConfig, SequenceClassifier
 
 
 def load(path, **kw):
@@ -60,16 +60,22 @@ def test_bad_config_values_are_named():
         ModelConfig(source="x", device="tpu")
 
 
-@pytest.mark.parametrize("int8_accuracy, expected", [(0.895, "int8-dynamic"), (0.85, "float32")])
-def test_auto_quantization_follows_the_measured_accuracy_loss(tiny_model, tmp_path, int8_accuracy, expected):
+@pytest.mark.parametrize("record, expected", [
+    ({"accuracy_int8": 0.895, "int8_measured_as": INT8_MEASURED_AS}, "int8-dynamic"),
+    ({"accuracy_int8": 0.85, "int8_measured_as": INT8_MEASURED_AS}, "float32"),
+    # Builds that scored int8 in padded batches measured answers int8 no longer gives.
+    ({"accuracy_int8": 0.895}, "float32"),
+])
+def test_auto_quantization_follows_the_measured_accuracy_loss(tiny_model, tmp_path, record, expected):
     import json
     import shutil
 
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model, model_dir)
-    (model_dir / "tiergate_build.json").write_text(json.dumps({"accuracy": 0.9, "accuracy_int8": int8_accuracy}))
+    (model_dir / "tiergate_build.json").write_text(json.dumps({"accuracy": 0.9, **record}))
     _, info = load(model_dir)  # quantize=None: auto
     assert info.dtype == expected
+    assert info.max_batch_texts == (1 if expected == "int8-dynamic" else None)
 
 
 def test_auto_quantization_is_off_for_models_nobody_measured(tiny_model):
@@ -126,6 +132,13 @@ def test_torchscript_serves_the_same_answers_as_the_model(tiny_model):
     for texts in batches:
         for (label, score), (want_label, want_score) in zip(traced.score(texts), eager.score(texts)):
             assert label == want_label and score == pytest.approx(want_score, abs=1e-5)
+
+
+def test_loading_logs_no_loss_type_warning(tiny_model, caplog):
+    # transformers warns about an unset loss_type when tracing reads model.loss_function; no loss is computed here.
+    _, info = load(tiny_model)
+    assert info.graph == "torchscript"
+    assert "loss_type" not in caplog.text
 
 
 def test_a_traced_graph_that_fails_its_check_is_not_served(tiny_model, monkeypatch, caplog):

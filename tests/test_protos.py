@@ -23,7 +23,9 @@ def test_public_contract_field_numbers():
     from protos import classifier_pb2 as pb
 
     fields = {f.name: f.number for f in pb.ClassifyResponse.DESCRIPTOR.fields}
-    assert fields == {"label": 1, "score": 2, "tier": 3, "model": 4}
+    # The fixed four; more fields may be added after them.
+    assert {k: v for k, v in fields.items() if v <= 4} == {"label": 1, "score": 2, "tier": 3, "model": 4}
+    assert fields["error"] == 5 and pb.ItemError.DESCRIPTOR.fields_by_name["code"].number == 1
     assert pb.ClassifyRequest.DESCRIPTOR.fields_by_name["text"].number == 1
     assert pb.ClassifyBatchRequest.DESCRIPTOR.fields_by_name["texts"].number == 1
     assert pb.ClassifyBatchResponse.DESCRIPTOR.fields_by_name["results"].number == 1

@@ -67,3 +67,57 @@ def test_a_killed_worker_is_replaced(procs, connect, tmp_path, tiny_model):
     assert len(replacement) == 1
     client = connect(gateway)
     eventually(lambda: client.stats().workers == 2, timeout_s=10)
+
+
+def test_no_secret_reaches_any_command_line(procs, connect, tmp_path, tiny_model, redis_server):
+    """Issue 9, item 12: a worker's config (the Redis password with it) never travels in argv,
+    which any local user can read from /proc, not even encoded."""
+    import base64
+    import binascii
+
+    import redis
+
+    from tests.support.processes import TiergateProcess
+
+    password = "s3cretpw-d0-not-leak"
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.config_set("requirepass", password)
+    admin.close()
+    url = redis_server.url.replace("redis://", f"redis://:{password}@")
+    inference = procs.inference(tiny_model)
+    gateway = procs.gateway(inference, tmp_path / "l2", url, workers=2)
+    # The documented way to keep it off the parent's command line too: the environment.
+    from_env = TiergateProcess(["gateway", "--port", "0", "--workers", "2", "--no-l2", "--inference",
+                                inference.address], env={**procs.env, "TIERGATE_REDIS_URL": url})
+    procs.started.append(from_env)
+    from_env.start()
+
+    def decoded_forms(arg: bytes) -> list[bytes]:
+        """The argument, and what it decodes to if it is base64 or hex (the workers' argv used to be a base64 pickle)."""
+        padded = arg + b"=" * (-len(arg) % 4)
+        forms = [arg]
+        for decode in (lambda: base64.b64decode(padded), lambda: base64.urlsafe_b64decode(padded),
+                       lambda: bytes.fromhex(arg.decode("ascii", errors="replace"))):
+            try:
+                forms.append(decode())
+            except (ValueError, binascii.Error):
+                pass
+        return forms
+
+    secret = password.encode()
+    for root, children in ((gateway, children_of(gateway.proc.pid)), (from_env, children_of(from_env.proc.pid))):
+        workers = [pid for pid in children if b"gateway.workers" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(workers) == 1
+        pids = children + ([root.proc.pid] if root is from_env else [])
+        for pid in pids:
+            for arg in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                assert not any(secret in form for form in decoded_forms(arg)), (pid, arg[:80])
+
+    # And the workers did get it: answers land in the password-protected Redis.
+    client = connect(gateway)
+    for i in range(8):
+        classify_on_new_connection(gateway.address, f"written to L3 by whichever worker {i}")
+    authed = redis.Redis.from_url(url)
+    eventually(lambda: len(authed.keys("tg:*")) >= 8, timeout_s=15)
+    authed.close()
+    assert client.stats().workers == 2

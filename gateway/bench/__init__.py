@@ -12,7 +12,9 @@ nothing here imports torch; the pipeline and bare forward baselines run in
 child processes.
 
 This module only builds the argument parser and the BenchConfig; the work is
-in runner.py, scenarios in scenarios.py and miss_scenarios.py.
+in runner.py, scenarios in scenarios.py and miss_scenarios.py (catalog.py
+lists them). `tiergate` hands every argument after `bench` to main() here
+unparsed, so no other command imports any of this package.
 """
 
 from __future__ import annotations
@@ -22,18 +24,18 @@ import shlex
 import sys
 from pathlib import Path
 
-__all__ = ["add_bench_parser", "config_from_args", "run_bench"]
+from gateway.bench.catalog import SCENARIOS, check_scenarios, default_scenarios
+from gateway.bench.config import LOAD_CHOICES, BenchConfig, parse_duration, parse_rates
+
+__all__ = ["build_parser", "config_from_args", "main"]
 
 
-def add_bench_parser(sub) -> argparse.ArgumentParser:
-    from gateway.bench.config import LOAD_CHOICES
-    from gateway.bench.scenarios import SCENARIOS, default_scenarios
-
+def build_parser() -> argparse.ArgumentParser:
     listing = "; ".join(f"{s.name}: {s.about}" for s in SCENARIOS.values())
     plain = default_scenarios(False)
     baselines = [n for n in default_scenarios(True) if n not in plain]
-    p = sub.add_parser(
-        "bench", help="benchmark the gateway (throughput, latency, tier hits, whole-stack RSS, baselines)",
+    p = argparse.ArgumentParser(
+        prog="tiergate bench",
         description="Starts `tiergate serve` (or uses --target), runs the scenarios, prints one table, writes "
         "OUT/bench.json and OUT/hit_unary_latency.png (needs matplotlib: pip install -e '.[bench]'). "
         f"Scenarios: {listing}.",
@@ -78,6 +80,8 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
                    "miss-80 and overload offer 0.8x and 2x of (default: %(default)s)")
     g.add_argument("--overload-duration", default="30s",
                    help="overload: how long 2x the miss capacity is offered (default: %(default)s)")
+    g.add_argument("--chaos-seconds", default="180s", help="--scenarios chaos (alone): faults and an oracle on a "
+                   "stack of its own, see gateway/bench/chaos.py; how long its traffic runs (default: %(default)s)")
     g = p.add_argument_group("tools and output")
     g.add_argument("--out", default="bench-out", metavar="DIR",
                    help="where bench.json, the PNG and the servers' logs go (default: %(default)s)")
@@ -87,12 +91,10 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args):
-    from gateway.bench.config import BenchConfig, parse_duration, parse_rates
-    from gateway.bench.scenarios import default_scenarios
-
+def config_from_args(args) -> BenchConfig:
     names = tuple(n.strip() for n in args.scenarios.split(",") if n.strip()) if args.scenarios is not None \
         else default_scenarios(args.compare)
+    check_scenarios(names)
     return BenchConfig(
         scenarios=names, target=args.target, pid=args.pid, model=args.model, workers=args.workers,
         serve_args=tuple(shlex.split(args.serve_args)), load=args.load, concurrency=args.concurrency,
@@ -105,9 +107,15 @@ def config_from_args(args):
     )
 
 
-def run_bench(args) -> None:
+def main(argv: list[str]) -> None:
+    """`tiergate bench ARGV...`."""
     from gateway.bench.runner import run
 
+    args = build_parser().parse_args(argv)
+    if (args.scenarios or "").strip() == "chaos":  # its own stack, faults and oracle: not a runner scenario
+        from gateway.bench.chaos import run_chaos_args
+
+        sys.exit(run_chaos_args(args))
     try:
         config = config_from_args(args)
     except ValueError as exc:

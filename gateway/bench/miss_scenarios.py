@@ -10,8 +10,7 @@
 
 "The measured miss capacity" is the texts/s of the miss scenario of this run
 (closed loop, --miss-concurrency calls in flight); without it, a short probe of
-the same load measures it first. Registered by importing this module (the end
-of scenarios.py does).
+the same load measures it first. Registered by importing this module (gateway.bench.catalog does).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import sys
 from dataclasses import asdict
 
 from gateway.bench.loadgen import LoadResult
-from gateway.bench.scenarios import CLASSIFY, BenchContext, ScenarioResult, _model_dir, scenario
+from gateway.bench.scenarios import CLASSIFY, BenchContext, ScenarioResult, model_dir, scenario
 from gateway.bench.texts import unique_texts, write_lines
 
 __all__ = ["miss_capacity", "bare_forward", "MISS_80_SHARE", "OVERLOAD_FACTOR", "RECOVERY_CALLS"]
@@ -85,7 +84,7 @@ def bare_forward(ctx: BenchContext, texts: list[str], warmup: int) -> dict:
     dtype, device = stats.get("model_dtype") or "", stats.get("model_device") or ""
     quantize = dtype == "int8-dynamic"
     path = write_lines(ctx.workdir / "bare-forward.txt", texts)
-    argv = [sys.executable, "-m", "inference.pipeline_baseline", "--model", _model_dir(cfg.model),
+    argv = [sys.executable, "-m", "inference.pipeline_baseline", "--model", model_dir(cfg.model),
             "--texts", str(path), "--bare-forward", str(len(texts) - warmup), "--warmup", str(warmup)]
     if quantize:
         argv.append("--quantize")

@@ -1,4 +1,4 @@
-"""Processes: whole-tree RSS from /proc, and the children bench starts.
+"""Processes: whole-tree RSS from /proc, and starting the servers bench talks to.
 
 A memory figure is the resident set of every process of the system under test
 (the serve process, the inference child, every gateway worker), summed, not
@@ -8,18 +8,15 @@ one runtime's heap: that is what the machine pays.
 from __future__ import annotations
 
 import os
-import re
-import signal
 import socket
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProcInfo", "RssSnapshot", "RssSampler", "OthersCpu", "Child", "tree_rss", "free_port", "wait_tcp"]
+from gateway.children import Child
 
-READY = re.compile(r"listening on (\S+)")
+__all__ = ["ProcInfo", "RssSnapshot", "RssSampler", "OthersCpu", "tree_rss", "free_port", "start_server"]
 
 
 @dataclass(frozen=True)
@@ -189,7 +186,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def wait_tcp(address: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+def _wait_tcp(address: str, timeout_s: float, child: Child) -> None:
     host, _, port = address.rpartition(":")
     deadline = time.monotonic() + timeout_s
     while True:
@@ -197,78 +194,41 @@ def wait_tcp(address: str, timeout_s: float, proc: subprocess.Popen | None = Non
             with socket.create_connection((host, int(port)), timeout=1.0):
                 return
         except OSError:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"{proc.args[0]} exited with status {proc.returncode} before listening") from None
+            if not child.running:
+                raise RuntimeError(f"{child.name} exited with status {child.returncode} before listening") from None
             if time.monotonic() > deadline:
                 raise RuntimeError(f"nothing listens on {address} after {timeout_s:.0f} s") from None
             time.sleep(0.05)
 
 
-class Child:
-    """A server bench starts: stdout scanned for its "listening on HOST:PORT"
-    line, stderr to a log file, SIGTERM at the end (SIGKILL if it lingers)."""
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
-    def __init__(self, name: str, argv: list[str], log_path: Path, *, env: dict | None = None) -> None:
-        self.name = name
-        self.argv = argv
-        self.log_path = log_path
-        self.env = env
-        self.proc: subprocess.Popen | None = None
-        self.address: str | None = None
-        self.ready_line = ""
-        self._ready = threading.Event()
 
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
+def start_server(name: str, argv: list[str], log_path: Path, *, ready_timeout_s: float,
+                 address: str | None = None) -> Child:
+    """A server bench starts, its stdout and stderr going to log_path: ready
+    once it prints its "listening on HOST:PORT" line, or (address given, for
+    servers that print none) once that port accepts connections. Stop it with
+    child.stop() (SIGTERM, SIGKILL if it lingers)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
 
-    def start(self, *, ready_timeout_s: float, address: str | None = None) -> Child:
-        """Start it; wait for its ready line, or (address given) for its port to accept connections."""
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        try:
-            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-                                         env=self.env, text=True, bufsize=1)
-        finally:
-            log.close()  # the child holds its own copy
-        threading.Thread(target=self._pump, daemon=True).start()
-        if address is not None:
-            self.address = address
-            wait_tcp(address, ready_timeout_s, self.proc)
-            return self
-        deadline = time.monotonic() + ready_timeout_s
-        while not self._ready.wait(0.1):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{self.name} did not become ready (status {self.proc.returncode}); "
-                                   f"the end of its log {self.log_path}:\n{self.log_tail()}")
-        return self
+    def to_log(line: str) -> None:
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(line)
 
-    def _pump(self) -> None:
-        # Keep reading stdout so the child never blocks on a full pipe; copy it to the log.
-        with self.proc.stdout as stdout, open(self.log_path, "a", encoding="utf-8") as log:
-            for line in stdout:
-                log.write(line)
-                log.flush()
-                match = READY.search(line)
-                if match and not self._ready.is_set():
-                    self.ready_line, self.address = line.strip(), match.group(1)
-                    self._ready.set()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self, timeout_s: float = 20.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+    with open(log_path, "ab") as log:
+        child = Child(name, argv, output=to_log, stderr=log).start()  # the child holds its own copy of the file
+    try:
+        if address is None:
+            child.wait_ready(ready_timeout_s)
+        else:
+            child.address = address
+            _wait_tcp(address, ready_timeout_s, child)
+    except RuntimeError as exc:
+        child.stop()
+        raise RuntimeError(f"{exc}; the end of its log {log_path}:\n{_tail(log_path)}") from None
+    return child

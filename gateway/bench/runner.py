@@ -27,7 +27,8 @@ from gateway.bench.report import (
     render_table,
     write_json,
 )
-from gateway.bench.scenarios import CLASSIFY, SCENARIOS, BenchContext, ScenarioResult
+from gateway.bench.catalog import SCENARIOS
+from gateway.bench.scenarios import CLASSIFY, BenchContext, ScenarioResult
 from gateway.bench.targets import Target, attach, read_stats, start_stack
 from gateway.bench.texts import make_text_sets, unique_texts, write_lines, zipf_samples
 

@@ -28,7 +28,7 @@ from gateway.bench.targets import (
     start_trivial,
 )
 
-__all__ = ["SCENARIOS", "Scenario", "ScenarioResult", "BenchContext", "default_scenarios", "scenario",
+__all__ = ["SCENARIOS", "Scenario", "ScenarioResult", "BenchContext", "scenario", "model_dir",
            "CLASSIFY", "CLASSIFY_BATCH", "CLASSIFY_STREAM", "OPEN_LOOP_RPS", "HIT_BATCH"]
 
 CLASSIFY = "/tiergate.v1.Classifier/Classify"
@@ -196,10 +196,6 @@ def scenario(name: str, about: str, *, baseline: bool = False):
     return register
 
 
-def default_scenarios(compare: bool) -> tuple[str, ...]:
-    return tuple(s.name for s in SCENARIOS.values() if compare or not s.baseline)
-
-
 @scenario("hit-unary", "Classify, every text cached")
 def hit_unary(ctx: BenchContext, name: str, about: str) -> ScenarioResult:
     ctx.prime()
@@ -272,7 +268,7 @@ def trivial_aio(ctx: BenchContext, name: str, about: str) -> ScenarioResult:
 
 @scenario("pipeline", "transformers pipeline in one process, batches of 8, the miss texts", baseline=True)
 def pipeline(ctx: BenchContext, name: str, about: str) -> ScenarioResult:
-    model = _model_dir(ctx.config.model)
+    model = model_dir(ctx.config.model)
     argv = [sys.executable, "-m", "inference.pipeline_baseline", "--model", model,
             "--texts", str(ctx.files["pipeline"]), "--batch-size", "8", "--limit", str(ctx.config.pipeline_texts)]
     ctx.log(f"  pipeline baseline: {ctx.config.pipeline_texts} texts, model {model}")
@@ -287,7 +283,7 @@ def pipeline(ctx: BenchContext, name: str, about: str) -> ScenarioResult:
     return res
 
 
-def _model_dir(model: str | None) -> str:
+def model_dir(model: str | None) -> str:
     """The pipeline needs a checkpoint directory: --model, else the built default model."""
     if model and os.path.isdir(model):
         return model
@@ -299,8 +295,3 @@ def _model_dir(model: str | None) -> str:
     if not (path / "config.json").is_file():
         raise RuntimeError(f"the default model is not built at {path} (tiergate model build), or pass --model DIR")
     return str(path)
-
-
-# The miss-path scenarios (miss-idle, miss-80, overload) live in their own
-# module; importing it registers them, after the ones above (overload last).
-from gateway.bench import miss_scenarios  # noqa: E402,F401

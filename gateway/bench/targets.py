@@ -10,7 +10,8 @@ from pathlib import Path
 
 import grpc
 
-from gateway.bench.procs import Child, RssSampler, free_port
+from gateway.bench.procs import RssSampler, free_port, start_server
+from gateway.children import Child
 from protos import classifier_pb2, classifier_pb2_grpc
 
 __all__ = ["Target", "start_stack", "attach", "start_gostub", "start_trivial", "read_stats", "read_settled_stats",
@@ -48,7 +49,7 @@ def start_stack(*, model: str | None, workers: int | None, lmdb_path: Path, serv
         argv += ["--workers", str(workers)]
     argv += list(serve_args)
     # The first start may build the default model (about a minute here): a long timeout.
-    child = Child("tiergate serve", argv, log_path).start(ready_timeout_s=900)
+    child = start_server("tiergate serve", argv, log_path, ready_timeout_s=900)
     return Target("tiergate", child.address, child.pid, child,
                   info={"started_by_bench": True, "argv": argv, "ready_line": child.ready_line, "log": str(log_path)})
 
@@ -59,13 +60,13 @@ def attach(address: str, pid: int | None) -> Target:
 
 def start_gostub(path: str, log_path: Path) -> Target:
     address = f"127.0.0.1:{free_port()}"  # gostub cannot take port 0 and tell us
-    child = Child("gostub", [path, "-addr", address], log_path).start(ready_timeout_s=30, address=address)
+    child = start_server("gostub", [path, "-addr", address], log_path, ready_timeout_s=30, address=address)
     return Target("gostub", address, child.pid, child, info={"argv": child.argv})
 
 
 def start_trivial(log_path: Path) -> Target:
     argv = [sys.executable, "-m", "gateway.bench.trivial_server", "--port", "0"]
-    child = Child("trivial grpc.aio server", argv, log_path).start(ready_timeout_s=60)
+    child = start_server("trivial grpc.aio server", argv, log_path, ready_timeout_s=60)
     return Target("trivial-aio", child.address, child.pid, child, info={"argv": argv})
 
 

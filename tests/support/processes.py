@@ -2,98 +2,98 @@
 
 Each service is started on port 0 and reports its address in its one
 "listening on HOST:PORT" line; tests wait for that line (or poll health),
-never a fixed sleep.
+never a fixed sleep. Processes are gateway.children.Child underneath, the
+same helper tiergate uses for its own children.
+
+`serve`, `gateway` and `inference` get `--drain-s 0` unless the test passes
+its own: a drain period only waits for load balancers, and tests that stop a
+server would otherwise each wait for it (tests/test_drain.py sets its own).
 """
 
 from __future__ import annotations
 
 import os
-import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-__all__ = ["TiergateProcess", "wait_serving"]
+from gateway.children import READY, Child
 
-READY = re.compile(r"listening on (\S+)")
+__all__ = ["TiergateProcess", "wait_serving", "READY"]
+
+_SERVERS = ("serve", "gateway", "inference")
 
 
 class TiergateProcess:
-    """`python -m gateway ARGS...` with start/stop/kill/restart."""
+    """`python -m gateway ARGS...` with start/stop/kill/restart; stdout and stderr collected in `output`."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, ready_timeout_s: float = 180.0):
-        self.args = args
-        self.env = {**os.environ, **(env or {})}
+        self.args = list(args)  # a test may change them before start() (another model on the same port)
         self.ready_timeout_s = ready_timeout_s
-        self.proc: subprocess.Popen | None = None
-        self._pump: threading.Thread | None = None
-        self.address: str | None = None
-        self.ready_line = ""
         self.output: list[str] = []
+        self._child = Child(f"tiergate {self.args[0]}", [], env={**os.environ, **(env or {})},
+                            output=self.output.append, stderr=subprocess.STDOUT)
+
+    @property
+    def proc(self):
+        return self._child.proc
+
+    @property
+    def address(self) -> str | None:
+        return self._child.address
+
+    @property
+    def ready_line(self) -> str:
+        return self._child.ready_line
 
     @property
     def port(self) -> int:
         return int(self.address.rpartition(":")[2])
 
-    def start(self) -> "TiergateProcess":
+    def start(self) -> TiergateProcess:
         args = list(self.args)
+        if args and args[0] in _SERVERS and "--drain-s" not in args:
+            args += ["--drain-s", "0"]
         if self.address is not None:  # a restart keeps its port so clients reconnect to it
             args = _with_port(args, self.port)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=self.env, text=True, bufsize=1,
-        )
-        deadline = time.monotonic() + self.ready_timeout_s
-        found = threading.Event()
-
-        stdout = self.proc.stdout
-
-        def pump() -> None:  # keep reading so the child never blocks on a full pipe
-            with stdout:
-                for line in stdout:
-                    self.output.append(line)
-                    if not found.is_set() and READY.search(line):
-                        self.ready_line = line.strip()
-                        self.address = READY.search(line).group(1)
-                        found.set()
-
-        self._pump = threading.Thread(target=pump, daemon=True)
-        self._pump.start()
-        while not found.wait(0.05):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"{self.args[0]} did not become ready:\n{''.join(self.output[-40:])}")
+        self._child.argv = [sys.executable, "-m", "gateway", *args]
+        self._child.start()
+        try:
+            self._child.wait_ready(self.ready_timeout_s)
+        except RuntimeError:
+            self.kill()
+            raise RuntimeError(f"{' '.join(self.args[:1])} did not become ready:\n{''.join(self.output[-40:])}") from None
         return self
 
-    def stop(self, timeout: float = 20.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise RuntimeError(f"{self.args[0]} did not stop on SIGTERM within {timeout} s")
-        finally:
-            self._join_pump()
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
 
-    def _join_pump(self) -> None:
-        if self._pump is not None:
-            self._pump.join(10)  # EOF comes once the child (and its children) closed the pipe
+    def terminate(self) -> None:
+        """SIGTERM without waiting: the server starts its drain."""
+        self._child.terminate()
+
+    def wait(self, timeout: float) -> int:
+        """The exit status once it has exited (and its output is read); RuntimeError after timeout."""
+        code = self._child.wait(timeout)
+        if code is None:
+            self.kill()
+            raise RuntimeError(f"{self.args[0]} did not exit within {timeout} s:\n{''.join(self.output[-40:])}")
+        return code
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM; the exit status. RuntimeError if it had to be killed."""
+        if self.proc is None:
+            return 0
+        self.terminate()
+        return self.wait(timeout)
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._join_pump()
+        self._child.kill()
 
-    def restart(self) -> "TiergateProcess":
+    def restart(self) -> TiergateProcess:
         self.stop()
         return self.start()
 
