@@ -70,8 +70,13 @@ class HealthService:
             if status != last:
                 yield health_pb2.HealthCheckResponse(status=status).SerializeToString()
                 last = status
+            if self._shutting_down and self._status.get(service, _UNKNOWN_SERVICE) == last:
+                # NOT_SERVING is said and final: end the stream, so that an open
+                # watch does not hold the server's shutdown for its whole grace period.
+                return
             async with self._changed:
-                await self._changed.wait_for(lambda: self._status.get(service, _UNKNOWN_SERVICE) != last)
+                await self._changed.wait_for(
+                    lambda: self._shutting_down or self._status.get(service, _UNKNOWN_SERVICE) != last)
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         # No (de)serializers: the handlers take and return bytes.

@@ -194,3 +194,30 @@ def test_deadlines_of_any_size_work(caplog):
                 assert reply.tier == pb.TIER_MODEL
 
     asyncio.run(main())
+
+
+def test_health_watch_reports_changes_and_ends_at_shutdown():
+    async def main():
+        health = HealthService()
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers([health.generic_handler()])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            watch = channel.unary_stream("/grpc.health.v1.Health/Watch",
+                                         request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                         response_deserializer=health_pb2.HealthCheckResponse.FromString)
+            call = watch(health_pb2.HealthCheckRequest(service=""))
+            seen = [(await call.read()).status]
+            await health.set("", health_pb2.HealthCheckResponse.SERVING)
+            seen.append((await call.read()).status)
+            await health.enter_graceful_shutdown()
+            seen.append((await call.read()).status)
+            assert await asyncio.wait_for(call.read(), 2) == grpc.aio.EOF  # the stream ends by itself
+            assert await call.code() == grpc.StatusCode.OK
+        S = health_pb2.HealthCheckResponse
+        assert seen == [S.NOT_SERVING, S.SERVING, S.NOT_SERVING]
+        await server.stop(0)
+
+    asyncio.run(main())
