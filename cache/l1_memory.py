@@ -19,6 +19,7 @@ from typing import Callable
 
 from cache.entry import Entry
 from cache.upstream import ModelRef
+from protos.wire import frame_field1
 
 __all__ = ["MemoryTier", "Render"]
 
@@ -39,10 +40,11 @@ class MemoryTier:
         self.model: ModelRef | None = None
         self._render = render
         self._clock = clock
-        # key -> (label, score, expires_at, rendered response). Plain tuples of
+        # key -> (label, score, expires_at, rendered response, the same framed as
+        # one element of a repeated field 1). Plain tuples of
         # atoms: the garbage collector stops tracking them after one pass, so a
         # full collection with 100,000 held stays ~5 ms instead of ~10.
-        self._data: OrderedDict[bytes, tuple[str, float, float, bytes]] = OrderedDict()
+        self._data: OrderedDict[bytes, tuple[str, float, float, bytes, bytes]] = OrderedDict()
 
     def use_model(self, model: ModelRef | None) -> None:
         """Hold answers of `model` from now on (emptied if it is another one)."""
@@ -50,7 +52,7 @@ class MemoryTier:
             self.model = model
             self._data = OrderedDict()
 
-    def _live(self, key: bytes) -> tuple[str, float, float, bytes] | None:
+    def _live(self, key: bytes) -> tuple[str, float, float, bytes, bytes] | None:
         found = self._data.get(key)
         if found is None:
             return None
@@ -65,6 +67,21 @@ class MemoryTier:
         found = self._live(key)
         return None if found is None else found[3]
 
+    def framed_responses(self, keys: list[bytes]) -> list[bytes] | None:
+        """The rendered responses of all `keys`, each framed as one element of a
+        repeated field 1 (a ClassifyBatchResponse's results), or None as soon
+        as one is not held. The batch hit path: one clock read for all."""
+        data = self._data
+        now = self._clock()
+        out = []
+        for key in keys:
+            found = data.get(key)
+            if found is None or found[2] <= now:
+                return None
+            data.move_to_end(key)
+            out.append(found[4])
+        return out
+
     def get(self, key: bytes) -> Entry | None:
         found = self._live(key)
         return None if found is None else Entry(found[0], found[1], found[2])
@@ -76,7 +93,7 @@ class MemoryTier:
             return False
         rendered = self._render(entry, model) if self._render is not None else b""
         data = self._data
-        data[key] = (entry.label, entry.score, entry.expires_at, rendered)
+        data[key] = (entry.label, entry.score, entry.expires_at, rendered, frame_field1(rendered))
         data.move_to_end(key)
         if len(data) > self.max_entries:
             data.popitem(last=False)

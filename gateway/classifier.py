@@ -79,6 +79,20 @@ class Classifier:
             self.fast_hits += 1
         return found
 
+    def hit_many(self, texts) -> list[bytes] | None:
+        """The framed L1 responses of every text, or None unless all are held
+        (normalized spellings only; the full path takes any other)."""
+        if self.upstream.generation != self._generation:
+            self.current_model()
+        keyer = self._keyer
+        if keyer is None:
+            return None
+        key_of = keyer.key_of_utf8
+        found = self.cache.l1.framed_responses([key_of(t.encode("utf-8")) for t in texts])
+        if found is not None:
+            self.fast_hits += len(found)
+        return found
+
     def normalize(self, text: str, index: int | None = None) -> str:
         """The text as it is cached and scored; InvalidInput says what is wrong with it."""
         where = "text" if index is None else f"texts[{index}]"

@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 from cache import Entry, ModelRef
 from cache.tiered import Answer
 from gateway.classifier import Classifier
-from gateway.wire import field1_values, frame_field1
+from protos.wire import field1_values
 from protos import classifier_pb2
 from protos.errors import InvalidInput, abort_with, status_for
 
@@ -131,14 +131,8 @@ class ClassifierHandlers:
             texts = self._batch_texts(data)
             core.check_batch_size(len(texts))
             if texts:
-                parts = []
-                for text in texts:
-                    found = core.hit(text.encode("utf-8"))
-                    if found is None:
-                        core.fast_hits -= len(parts)  # counted again by the full path below
-                        break
-                    parts.append(frame_field1(found))
-                else:  # every text was an L1 hit: the response is their framed bytes
+                parts = core.hit_many(texts)
+                if parts is not None:  # every text was an L1 hit: the response is their framed bytes
                     return b"".join(parts)
             self.counters["batch_slow_path"] += 1
             normalized = [core.normalize(t, i) for i, t in enumerate(texts)]

@@ -221,3 +221,20 @@ def test_health_watch_reports_changes_and_ends_at_shutdown():
         await server.stop(0)
 
     asyncio.run(main())
+
+
+def test_a_batch_of_l1_hits_is_answered_in_order_from_l1():
+    async def main():
+        async with gateway(FakeUpstream()) as (channel, core):
+            texts = ["one", "two", "three", "two"]
+            batch = unary(channel, BATCH)
+            first = pb.ClassifyBatchResponse.FromString(
+                await batch(pb.ClassifyBatchRequest(texts=texts).SerializeToString()))
+            assert [r.tier for r in first.results] == [pb.TIER_MODEL] * 4
+            again = pb.ClassifyBatchResponse.FromString(
+                await batch(pb.ClassifyBatchRequest(texts=texts).SerializeToString()))
+            assert [(r.label, r.tier, r.model) for r in again.results] == \
+                [(label_for(t), pb.TIER_L1, MODEL.display) for t in texts]
+            assert core.fast_hits == 4
+
+    asyncio.run(main())

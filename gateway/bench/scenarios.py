@@ -36,7 +36,8 @@ CLASSIFY_BATCH = "/tiergate.v1.Classifier/ClassifyBatch"
 CLASSIFY_STREAM = "/tiergate.v1.Classifier/ClassifyStream"
 HIT_BATCH = 100        # texts per ClassifyBatch in hit-batch
 OPEN_LOOP_RPS = 1000   # the offered load of hit-unary-1000rps
-PRIME_BATCH = 100      # texts per call when the hit set is first scored
+PRIME_BATCH = 20       # texts per call when the hit set is first scored: small enough that a call's
+                       # texts fit the model's 1 s queue limit even in float32 on AVX2 cores
 
 
 @dataclass
