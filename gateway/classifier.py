@@ -66,12 +66,15 @@ class Classifier:
         model = self.current_model()
         return model.display if model is not None else ""
 
+    def _hit_keyer(self) -> Keyer | None:
+        if self.upstream.generation != self._generation:
+            self.current_model()
+        return self._keyer
+
     def hit(self, text_utf8: bytes) -> bytes | None:
         """The rendered L1 response for a text given as its request's UTF-8
         bytes, or None (not in L1, or not normalized: take the full path)."""
-        if self.upstream.generation != self._generation:
-            self.current_model()
-        keyer = self._keyer
+        keyer = self._hit_keyer()
         if keyer is None:
             return None
         found = self.cache.l1.response(keyer.key_of_utf8(text_utf8))
@@ -82,9 +85,7 @@ class Classifier:
     def hit_many(self, texts) -> list[bytes] | None:
         """The framed L1 responses of every text, or None unless all are held
         (normalized spellings only; the full path takes any other)."""
-        if self.upstream.generation != self._generation:
-            self.current_model()
-        keyer = self._keyer
+        keyer = self._hit_keyer()
         if keyer is None:
             return None
         key_of = keyer.key_of_utf8

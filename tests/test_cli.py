@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 

@@ -22,7 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.gate import SHUTTING_DOWN, ClosingGate
-from protos import classifier_pb2, classifier_pb2_grpc
+from protos import classifier_pb2
 from tests.helpers import eventually, inference_counters
 
 MODEL, L1 = classifier_pb2.TIER_MODEL, classifier_pb2.TIER_L1
