@@ -144,7 +144,8 @@ def _model_args(args) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tiergate", description="gRPC inference gateway with a tiered cache "
                                      "(L1 RAM, L2 LMDB, L3 Redis) in front of one shared model.")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
+    parser.add_argument("--log-level", default=None,
+                        help="DEBUG, INFO, WARNING or ERROR (default: INFO; for classify WARNING)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the whole stack: inference service + gateway (no Redis needed)",
@@ -171,15 +172,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_drain_flags(p, "the service")
     _add_model_flags(p)
 
-    p = sub.add_parser("classify", help="score every row of a CSV file",
-                       description="Scores one column of a CSV and writes the rows again with label, score and "
-                       "tier columns added, through a running gateway (--target) or an embedded stack.")
-    p.add_argument("csv", metavar="FILE.csv")
-    p.add_argument("--column", required=True, help="the column holding the text")
-    p.add_argument("--output", "-o", metavar="OUT.csv", help="where to write (default: FILE.scored.csv; - for stdout)")
-    p.add_argument("--target", metavar="HOST:PORT", help="a running gateway (default: start an embedded stack)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="texts per ClassifyBatch call (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = sub.add_parser("classify", help="score one column of every row of a CSV or JSON Lines file",
+                       description="Scores one column of every row and writes the rows again with label, score, "
+                       "tier, model and error columns added, in input order, through a running gateway (--target) "
+                       "or a stack of its own, which loads the model only when a text misses every cache tier. "
+                       "Backpressure is retried with backoff (texts in flight adapt to what the gateway accepts); "
+                       "a text the gateway rejects gets an error value and the job goes on. The output appears "
+                       "under its name only when complete: Ctrl-C keeps OUT.partial, and --resume carries on from it. "
+                       "Exit status: 0 every row scored, 3 complete but some rows have an error, 1 stopped before "
+                       "the end, 130 interrupted.")
+    p.add_argument("input", metavar="INPUT", help="a .csv or .jsonl file, or - for stdin")
+    p.add_argument("--column", required=True, help="the column (JSON Lines: the key) holding the text")
+    p.add_argument("--output", "-o", metavar="OUT", help="where to write (default: INPUT.scored.csv or .jsonl next to "
+                   "the input; for stdin, stdout; - for stdout)")
+    p.add_argument("--format", choices=("csv", "jsonl"), help="output format (default: the input's)")
+    p.add_argument("--input-format", choices=("csv", "jsonl"),
+                   help="input format (default: jsonl for .jsonl/.ndjson names, else csv)")
+    p.add_argument("--target", metavar="HOST:PORT", help="a running gateway (default: an embedded stack)")
+    p.add_argument("--resume", action="store_true",
+                   help="carry on an interrupted run from OUT.partial instead of starting over")
+    p.add_argument("--batch-size", type=_positive_int, default=64,
+                   help="texts per ClassifyBatch call (default: %(default)s)")
+    p.add_argument("--max-retry-s", type=_nonnegative_seconds, default=300.0, metavar="SECONDS",
+                   help="how long one call is retried while the gateway refuses it (RESOURCE_EXHAUSTED) or is "
+                   "unreachable, before the job stops (default: %(default)s)")
+    p.add_argument("--call-timeout-s", type=_nonnegative_seconds, default=60.0, metavar="SECONDS",
+                   help="deadline of one call; a call past it is retried (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is not "
+                   "a terminal)")
     _add_gateway_flags(p, port_default=0)
     _add_model_flags(p)
 
@@ -305,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    args.log_level = (args.log_level or ("WARNING" if args.command == "classify" else "INFO")).upper()
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
@@ -315,9 +336,10 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "inference":
             asyncio.run(run_inference(args))
         elif args.command == "classify":
-            from gateway.classify_csv import run_classify
+            from gateway.classify import embedded_stack_factory, request_from_args, run_classify
 
-            asyncio.run(run_classify(args, _model_args(args), lambda targets: gateway_config(args, targets)))
+            stack = embedded_stack_factory(args, _model_args(args), gateway_config(args, []), args.log_level)
+            sys.exit(asyncio.run(run_classify(request_from_args(args), stack)))
         elif args.command == "model":
             from inference.build import build_default_model, default_model_dir
 
@@ -334,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
 
             bench.main(rest)
     except KeyboardInterrupt:
-        pass
+        sys.exit(130)
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"tiergate {args.command}: error: {exc}", file=sys.stderr)
         sys.exit(1)

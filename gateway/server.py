@@ -18,6 +18,7 @@ from gateway.gate import ClosingGate
 from gateway.servicer import ADMIN_SERVICE, CLASSIFIER_SERVICE, ClassifierHandlers, render_l1
 from protos.health import HEALTH_SERVICE, HealthService
 from gateway.stats_board import PUBLISH_INTERVAL_S, StatsBoard
+from cache.upstream import Upstream
 from inference.replicas import ReplicaSet
 
 __all__ = ["GatewayConfig", "GatewayServer"]
@@ -32,6 +33,8 @@ class GatewayConfig:
     port: int = 50051                       # 0: any free port
     l1_max_entries: int = 100_000
     filter_capacity: int | None = None      # keys per Bloom filter generation; None: sized from the L2 budget
+    l2_filter: bool = True                  # False: no Bloom filter, every L1 miss reads L2 (a batch job:
+                                            # warming the filter from a large L2 costs seconds it never earns back)
     lmdb: LmdbConfig | None = None          # None: no L2
     redis: RedisConfig | None = None        # None: no L3
     limits: Limits = field(default_factory=Limits)
@@ -47,8 +50,7 @@ class GatewayConfig:
             raise ValueError(f"l1_max_entries must be >= 1, got {self.l1_max_entries}")
         if self.filter_capacity is not None and self.filter_capacity < 1000:
             raise ValueError(f"filter_capacity must be >= 1000, got {self.filter_capacity}")
-        if not self.inference_targets:
-            raise ValueError("at least one inference service address (host:port) is required")
+        # No targets: the GatewayServer is handed its Upstream instead.
         for target in self.inference_targets:
             host, _, port = target.rpartition(":")
             if not host or not port.isdigit():
@@ -60,11 +62,15 @@ class GatewayConfig:
 
 
 class GatewayServer:
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, upstream: Upstream | None = None) -> None:
+        """`upstream` scores the misses; None: a ReplicaSet of config.inference_targets."""
+        if upstream is None and not config.inference_targets:
+            raise ValueError("at least one inference service address (host:port) is required")
         self.config = config
+        self._given_upstream = upstream
         self.port: int | None = None
         self.cache: TieredCache | None = None
-        self.inference: ReplicaSet | None = None
+        self.inference: ReplicaSet | Upstream | None = None
         self.handlers: ClassifierHandlers | None = None
         self._server: grpc.aio.Server | None = None
         self._health: HealthService | None = None
@@ -82,8 +88,10 @@ class GatewayServer:
         cfg = self.config
         l2 = LmdbTier(cfg.lmdb) if cfg.lmdb is not None else None
         l3 = RedisTier(cfg.redis) if cfg.redis is not None else None
-        key_filter = KeyFilter(cfg.filter_capacity or filter_capacity_for(cfg.lmdb)) if l2 is not None else None
-        self.inference = ReplicaSet(list(cfg.inference_targets))
+        key_filter = None
+        if l2 is not None and cfg.l2_filter:
+            key_filter = KeyFilter(cfg.filter_capacity or filter_capacity_for(cfg.lmdb))
+        self.inference = self._given_upstream or ReplicaSet(list(cfg.inference_targets))
         options = CacheOptions(max_pending=cfg.limits.max_pending_misses, secret=cfg.cache_secret)
         self.cache = TieredCache(MemoryTier(cfg.l1_max_entries, render_l1), self.inference, l2, l3, key_filter,
                                  options)

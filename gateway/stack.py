@@ -20,12 +20,13 @@ _STOP_SLACK_S = 10.0  # beyond its grace period, before a child that has not exi
 
 class InferenceProcess:
     def __init__(self, args: list[str], *, host: str = "127.0.0.1", port: int = 0, ready_timeout_s: float = 900.0,
-                 grace_s: float = 10.0):
+                 grace_s: float = 10.0, log_level: str | None = None):
         self._args = args  # extra `tiergate inference` flags, e.g. ["--model", PATH]
         self.host = host
         self.port = port
         self._ready_timeout_s = ready_timeout_s
         self._grace_s = grace_s
+        self._log_level = log_level  # None: the child's default (INFO)
         # A session of its own: the terminal's Ctrl-C reaches the parent only,
         # which stops this child once the gateway no longer needs it.
         self._child = Child("the inference service", self._argv(), new_session=True)
@@ -33,7 +34,8 @@ class InferenceProcess:
 
     def _argv(self) -> list[str]:
         # No drain period: it is stopped after its only caller, this process's gateway, stopped.
-        return [sys.executable, "-m", "gateway", "inference", "--host", self.host, "--port", str(self.port),
+        logging = ["--log-level", self._log_level] if self._log_level else []
+        return [sys.executable, "-m", "gateway", *logging, "inference", "--host", self.host, "--port", str(self.port),
                 "--exit-with-parent", "--drain-s", "0", "--grace-s", str(self._grace_s), *self._args]
 
     @property

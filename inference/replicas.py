@@ -21,7 +21,7 @@ import logging
 import random
 import time
 from collections import Counter
-from typing import Sequence
+from typing import Callable, Sequence
 
 from cache.upstream import Failed, ModelRef, Outcome
 from inference.client import InferenceClient
@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 class ReplicaSet:
     """The production Upstream (cache.upstream): a set of inference clients."""
 
-    def __init__(self, targets: list[str], *, rng: random.Random | None = None) -> None:
+    def __init__(self, targets: list[str], *, rng: random.Random | None = None,
+                 on_model_change: Callable[[ModelRef], None] | None = None) -> None:
         if not targets:
             raise ValueError("at least one inference service address is required")
         if len(set(targets)) != len(targets):
@@ -47,6 +48,7 @@ class ReplicaSet:
         self.model: ModelRef | None = None
         self.generation = 0  # +1 on every change of the elected model
         self.counters: Counter[str] = Counter()
+        self._on_model_change = on_model_change
 
     def start(self) -> None:
         for client in self.clients:
@@ -68,6 +70,8 @@ class ReplicaSet:
                 log.warning("the gateway now serves %s (was %s)", elected.display, self.model.display)
             self.model = elected
             self.generation += 1
+            if self._on_model_change is not None:
+                self._on_model_change(elected)
 
     @property
     def in_flight(self) -> int:

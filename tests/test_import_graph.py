@@ -108,7 +108,7 @@ def test_building_the_cli_and_loading_the_serving_code_imports_no_bench_torch_or
         "parser = cli.build_parser()\n"
         "for command in ('serve', 'gateway', 'inference', 'classify x.csv --column c', 'bench'):\n"
         "    parser.parse_known_args(command.split())\n"
-        "import gateway.workers, gateway.stack, gateway.server, gateway.servicer, gateway.classify_csv, "
+        "import gateway.workers, gateway.stack, gateway.server, gateway.servicer, gateway.classify, gateway.classify.embedded, "
         "inference.service, cache\n"
         "print('\\n'.join(sys.modules))\n"
     )
