@@ -26,12 +26,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-
 from cache.breaker import CircuitBreaker
 
 __all__ = ["RedisConfig", "RedisTier"]
@@ -81,7 +75,21 @@ class RedisConfig:
 
 # What a broken or slow Redis raises: the client's errors, socket errors, and
 # our own backstop timeout (asyncio.TimeoutError is TimeoutError from 3.11 on).
-_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+# What a failing Redis raises; filled in by the first RedisTier, which imports
+# redis-py (~20 MB of modules a gateway or batch job without L3 never needs).
+_FAILURES: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)
+_CONNECTION_FAILURES: tuple[type[BaseException], ...] = (OSError,)
+
+
+def _import_redis():
+    global _FAILURES, _CONNECTION_FAILURES
+    import redis.asyncio as aioredis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import RedisError
+
+    _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+    _CONNECTION_FAILURES = (RedisConnectionError, OSError)
+    return aioredis
 
 # A lookup waiting for its MGET: the prefixed keys, and where its values go.
 _Waiter = tuple[list[bytes], "asyncio.Future[list[bytes | None]]"]
@@ -112,6 +120,10 @@ class RedisTier:
         self._waiting: deque[_Waiter] = deque()
         self._collector: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        aioredis = _import_redis()
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
         pool = aioredis.BlockingConnectionPool.from_url(
             config.url,
             max_connections=config.max_connections,
@@ -267,7 +279,7 @@ class RedisTier:
             log.warning("L3 Redis error (logged once, then counted; the breaker skips L3 while it fails): %r", exc)
         else:
             log.debug("L3 Redis error: %r", exc)
-        if isinstance(exc, (RedisConnectionError, OSError)):
+        if isinstance(exc, _CONNECTION_FAILURES):
             # The pool's idle connections were most likely cut by the same
             # event (Redis restarted or gone): drop them, so the probe after the
             # cooldown opens a fresh connection instead of finding a dead one.

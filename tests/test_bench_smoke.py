@@ -1,8 +1,10 @@
 """`tiergate bench`'s plumbing on fake numbers: parsing the load generators'
 output, the table, the targets section, bench.json, settings validation, the
 trivial baseline server, the Python generator's per-code error latencies and
-hung count, and the bare forward mode. No benchmark runs here: numbers are
-never part of pass/fail."""
+hung count, the bare forward mode, and the classify scenario's parts (its
+CSV, the summary line, figures, targets and lines on fake outputs, the child
+timing, the pipeline CSV script on a tiny model). No benchmark runs here:
+numbers are never part of pass/fail."""
 
 from __future__ import annotations
 
@@ -291,3 +293,138 @@ def test_miss_settings_are_validated():
     with pytest.raises(ValueError, match="--overload-duration"):
         BenchConfig(scenarios=("overload",), overload_duration_s=0)
     assert BenchConfig(scenarios=("miss-idle", "miss-80", "overload")).miss_concurrency == 32
+
+
+# --- the classify scenario: its CSV, the summary line, the figures, targets and lines ---------------------------------
+
+def test_classify_rows_are_seeded_new_and_40_to_60_words():
+    from gateway.bench.classify_scenario import COLUMN, MAX_WORDS, MIN_WORDS, review_rows
+
+    texts = [f"text {i} is a short tweet about something" for i in range(30)]
+    rows = review_rows(texts, 50, seed=3, tag="abc")
+    assert rows == review_rows(texts, 50, seed=3, tag="abc")
+    assert [r["id"] for r in rows] == [str(i) for i in range(1, 51)] and set(rows[0]) == {"id", COLUMN, "points"}
+    assert all(MIN_WORDS <= len(r[COLUMN].split()) <= MAX_WORDS for r in rows)
+    assert len({r[COLUMN] for r in rows}) == 50 and rows[7][COLUMN].endswith(" ~abc-7")  # the pool wraps; tags differ
+    other = review_rows(texts, 50, seed=3, tag="xyz")
+    assert not {r[COLUMN] for r in rows} & {r[COLUMN] for r in other}
+
+
+def test_classify_summary_line_parses_in_both_wordings():
+    from gateway.bench.classify_scenario import parse_summary
+
+    line = ("log noise\nclassified 1000 rows in 3.2 s: 950 scored by the model, 50 from L1, 0 from L2, 0 from L3, "
+            "0 errors -> /tmp/3 L2/out.csv; the model was not needed\n")
+    out = parse_summary(line)
+    assert (out["rows"], out["seconds"], out["model"], out["l1"], out["l2"], out["l3"], out["errors"]) == \
+        (1000, 3.2, 950, 50, 0, 0, 0)
+    old = parse_summary("classified 20 rows in 1.0 s (15 MODEL, 5 L2) -> out.csv")
+    assert (old["model"], old["l2"], "errors" in old) == (15, 5, False)
+    assert parse_summary("Traceback (most recent call last):") is None
+
+
+def _write_scored(path: pathlib.Path, labels: list[str], errors: dict[int, str] | None = None) -> str:
+    errors = errors or {}
+    lines = ["id,description,points,label,score,error"] + [
+        f"{i + 1},text {i},3,{'' if i in errors else label},0.9,{errors.get(i, '')}" for i, label in enumerate(labels)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def _classify_result(tmp_path: pathlib.Path, *, cold_s: float = 4.0, target_rps: float = 95.0,
+                     cold_rss: float = 600.0, errors: dict[int, str] | None = None) -> ScenarioResult:
+    from gateway.bench.classify_scenario import classify_figures
+
+    labels = ["positive", "negative"] * 10
+    flipped = labels[:-1] + ["positive"]  # one close call of 20 goes the other way
+    summary = {"line": "classified 20 rows ...", "rows": 20, "seconds": 3.5, "model": 20, "l1": 0, "l2": 0,
+               "l3": 0, "errors": len(errors or {})}
+    ex = {"rows": 20, "words_mean": 50.0, "rss_sample_s": 0.05, "miss_capacity_texts_per_s": 100.0,
+          "miss_capacity_from": "the miss scenario",
+          "script_as_written": {"seconds": 20.0, "peak_tree_rss_mb": 480.0, "vmhwm_mb": 470.0, "load_seconds": 1.0,
+                                "output": _write_scored(tmp_path / "written.csv", labels)},
+          "script_fair": {"seconds": 10.0, "peak_tree_rss_mb": 520.0, "vmhwm_mb": 515.0, "load_seconds": 1.0,
+                          "output": _write_scored(tmp_path / "fair.csv", labels)},
+          "cold": {"seconds": cold_s, "rows_per_s": 20 / cold_s, "peak_tree_rss_mb": cold_rss, "returncode": 0,
+                   "summary": summary, "rows_out": 20, "rows_without_label": len(errors or {}),
+                   "output": _write_scored(tmp_path / "cold.csv", flipped, errors)},
+          "warm": {"seconds": 0.5, "rows_per_s": 40.0, "peak_tree_rss_mb": 60.0, "returncode": 0,
+                   "summary": {**summary, "model": 0, "l2": 20, "errors": 0}, "rows_out": 20, "rows_without_label": 0,
+                   "output": _write_scored(tmp_path / "warm.csv", flipped)},
+          "target": {"seconds": 20 / target_rps, "rows_per_s": target_rps, "rows_per_s_in_command": 110.0,
+                     "peak_tree_rss_mb": 70.0, "returncode": 0, "summary": {**summary, "errors": 0}, "rows_out": 20,
+                     "rows_without_label": 0, "output": _write_scored(tmp_path / "target.csv", labels)}}
+    ex["figures"] = classify_figures(ex)
+    return ScenarioResult("classify", "tiergate", "", extras=ex, rss_peak_mb=ex["figures"]["tiergate_peak_rss_mb"])
+
+
+def test_classify_figures_targets_and_lines(tmp_path):
+    from gateway.bench.report import classify_lines
+
+    res = _classify_result(tmp_path)
+    fig = res.extras["figures"]
+    assert (fig["cold_vs_fair_script"], fig["warm_vs_fair_script"], fig["target_rows_vs_miss_texts"]) == \
+        (0.4, 0.05, 0.95)
+    assert fig["rss_peak_minus_fair_script_mb"] == 80.0 and fig["cold_errors"] == 0
+    assert fig["labels_cold_vs_fair_script"] == {"rows_a": 20, "rows_b": 20, "common": 20, "agree": 19, "share": 0.95}
+    assert fig["labels_warm_vs_cold"]["share"] == 1.0
+
+    checks = {c.key: c for c in check_targets([res], None) if c.key.startswith("classify")}
+    assert {k: c.verdict for k, c in checks.items()} == {
+        "classify_cold": "PASS", "classify_warm": "PASS", "classify_target": "PASS", "classify_rss": "PASS",
+        "classify_output": "PASS"}
+    assert checks["classify_cold"].value == "0.40x (4.00 s vs 10.0 s)"
+    assert checks["classify_rss"].value.startswith("+80 MB (600 vs 520 MB)")
+
+    bad = {c.key: c for c in check_targets([_classify_result(tmp_path, cold_s=5.0, target_rps=80.0, cold_rss=700.0,
+                                                             errors={3: "INVALID: bad text"})], None)}
+    for key in ("classify_cold", "classify_target", "classify_rss", "classify_output"):
+        assert bad[key].verdict == "FAIL", key
+    assert "1 errors" in bad["classify_output"].value
+
+    assert not any(c.key.startswith("classify") for c in check_targets(_miss_results(), "int8-dynamic"))
+    failed = ScenarioResult("classify", "-", "", error="no model")
+    assert {c.verdict for c in check_targets([failed], None) if c.key.startswith("classify")} == {"n/a"}
+
+    lines = classify_lines([res])
+    assert lines[0].startswith("classify: 20 CSV rows")
+    row = {line.split("  ")[1].strip(): line for line in lines[2:7]}
+    assert "0.40x" in row["tiergate classify, cold (embedded, empty L2)"]
+    assert "labels agree 95.0% with the fair script" in row["tiergate classify, cold (embedded, empty L2)"]
+    assert "0.95x the miss capacity" in row["tiergate classify --target (bench's gateway)"]
+    assert lines[-1].endswith("+80 MB")
+    table = render_table([res], header=[], footer=[])
+    assert "0.40x cold, 0.05x warm vs fair script, --target 0.95x miss" in table
+    assert ratios([res])["classify_cold_vs_fair_script"] == 0.4
+
+
+def test_run_child_times_the_output_file_and_the_exit(tmp_path):
+    from gateway.bench.classify_scenario import run_child
+
+    out = tmp_path / "out.csv"
+    code = f"import pathlib, time; pathlib.Path({str(out)!r}).write_text('x'); time.sleep(0.3); print('done')"
+    run = run_child([sys.executable, "-c", code], out, tmp_path / "child.log")
+    assert run.returncode == 0 and run.stdout.strip() == "done"
+    assert run.output_s is not None and run.output_s + 0.25 <= run.exit_s
+    assert run.peak_tree_mb > 0
+
+
+def test_pipeline_csv_baseline_scores_both_ways(tiny_model, tmp_path):
+    from gateway.bench.classify_scenario import review_rows, write_rows
+
+    source = write_rows(tmp_path / "in.csv", review_rows(["a new review of the thing"] * 3, 10, seed=1, tag="t"))
+    labels = {}
+    for flags in (["--as-written"], []):
+        output = tmp_path / f"out{len(flags)}.csv"
+        proc = subprocess.run([sys.executable, "-m", "inference.pipeline_csv_baseline", "--model", str(tiny_model),
+                               "--input", str(source), "--column", "description", "--output", str(output), *flags],
+                              capture_output=True, text=True, timeout=300, cwd=pathlib.Path(__file__).parents[1])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert out["rows"] == 10 and out["as_written"] == bool(flags) and out["peak_rss_mb"] > 0
+        with output.open(newline="") as fh:
+            rows = list(__import__("csv").DictReader(fh))
+        assert [r["id"] for r in rows] == [str(i) for i in range(1, 11)] and rows[0]["points"]
+        labels[bool(flags)] = [r["label"] for r in rows]
+        assert set(labels[bool(flags)]) <= {"negative", "positive"} and all(float(r["score"]) > 0 for r in rows)
+    assert labels[True] == labels[False]

@@ -6,14 +6,15 @@ percentiles, errors, hits per tier (the gateway's own counters) and the summed
 RSS of every process of the stack, with ratios against baselines measured in
 the same run (--compare: gostub, a trivial grpc.aio server, the transformers
 pipeline). The miss path (miss, miss-idle against one bare forward pass,
-miss-80, overload with a recovery probe) is checked against the issue's
-targets in a PASS/FAIL "targets" section (goals.py). Light on purpose:
+miss-80, overload with a recovery probe) and the classify scenario (the CSV
+job, against the seed documents' pipeline script) are checked against the
+issues' targets in a PASS/FAIL "targets" section (goals.py). Light on purpose:
 nothing here imports torch; the pipeline and bare forward baselines run in
 child processes.
 
 This module only builds the argument parser and the BenchConfig; the work is
-in runner.py, scenarios in scenarios.py and miss_scenarios.py (catalog.py
-lists them). `tiergate` hands every argument after `bench` to main() here
+in runner.py, scenarios in scenarios.py, miss_scenarios.py and
+classify_scenario.py (catalog.py lists them). `tiergate` hands every argument after `bench` to main() here
 unparsed, so no other command imports any of this package.
 """
 
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"with --compare also {','.join(baselines)})")
     g.add_argument("--compare", action="store_true",
                    help="also run the baselines in the same run: gostub and a trivial grpc.aio server "
-                   "(hit-unary), and the transformers pipeline (miss texts)")
+                   "(hit-unary), the transformers pipeline (miss texts) and classify (the CSV job against "
+                   "the pipeline script)")
     g.add_argument("--target", metavar="HOST:PORT", help="a running gateway (default: start `tiergate serve` "
                    "on a free port with a fresh L2 in a temporary directory)")
     g.add_argument("--pid", type=int, help="with --target: the gateway's root process; the RSS of its "
@@ -72,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sweep-duration", default="3s", help="per sweep point (default: %(default)s)")
     g.add_argument("--pipeline-texts", type=int, default=1000,
                    help="texts the pipeline baseline scores (default: %(default)s)")
+    g.add_argument("--classify-rows", type=int, default=1000, metavar="N",
+                   help="rows of the classify scenario's CSV, 40-60 words each, scored by the transformers "
+                   "pipeline script (as written and with batch_size=8) and by `tiergate classify` (cold, warm, "
+                   "--target) (default: %(default)s)")
     g.add_argument("--miss-words", type=int, default=20,
                    help="at least this many words per text of the miss scenarios and the pipeline baseline, joined from corpus texts "
                    "(default: %(default)s, about 60 tokens; 0: single corpus texts)")
@@ -101,6 +107,7 @@ def config_from_args(args) -> BenchConfig:
         connections=args.connections, duration_s=parse_duration(args.duration), warmup_s=parse_duration(args.warmup),
         rps=args.rps, out=Path(args.out), compare=args.compare, rps_sweep=parse_rates(args.rps_sweep),
         sweep_duration_s=parse_duration(args.sweep_duration), pipeline_texts=args.pipeline_texts,
+        classify_rows=args.classify_rows,
         miss_words=args.miss_words,
         miss_concurrency=args.miss_concurrency, overload_duration_s=parse_duration(args.overload_duration),
         ghz=args.ghz, grpcload=args.grpcload, gostub=args.gostub,

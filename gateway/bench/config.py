@@ -51,6 +51,7 @@ class BenchConfig:
     rps_sweep: tuple[float, ...] = (250, 500, 1000, 2000, 4000, 8000)
     sweep_duration_s: float = 3.0
     pipeline_texts: int = 1000
+    classify_rows: int = 1000                # rows of the classify scenario's CSV (each of 40-60 words)
     miss_words: int = 20          # at least this many words per miss text (tweets: ~60 tokens); 0: single corpus texts
     miss_concurrency: int = 32               # calls in flight in the miss scenario (and the capacity probe)
     overload_duration_s: float = 30.0
@@ -81,7 +82,8 @@ class BenchConfig:
         elif self.pid is not None:
             raise ValueError(f"--pid {self.pid} only applies with --target (bench knows its own stack's pid)")
         for name, value, low in (("--concurrency", self.concurrency, 1), ("--connections", self.connections, 1),
-                                 ("--pipeline-texts", self.pipeline_texts, 1), ("--miss-words", self.miss_words, 0),
+                                 ("--pipeline-texts", self.pipeline_texts, 1),
+                                 ("--classify-rows", self.classify_rows, 1), ("--miss-words", self.miss_words, 0),
                                  ("hit_texts", self.hit_texts, 1),
                                  ("--miss-concurrency", self.miss_concurrency, 1),
                                  ("overload_concurrency", self.overload_concurrency, 1),

@@ -13,6 +13,17 @@ kept in bench.json. The targets (one run on this 2-core machine, default model):
   is all served at about the miss-idle latency;
 - the summed RSS of the tiergate processes <= the pipeline process's RSS +
   150 MB, at the end of miss and at the peak during the overload.
+
+And the CSV job (issue 10; checked when the classify scenario is in the run):
+
+- `tiergate classify` cold (embedded stack, empty L2) <= 0.45x the wall time
+  of the pipeline script made fair (batch_size=8), warm (every row in L2)
+  <= 0.1x;
+- `tiergate classify --target` rows/s >= 90% of the miss texts/s;
+- its peak RSS (whole process tree, the larger of cold and warm) <= the fair
+  script's + 100 MB;
+- and its output is the script's: the same rows, 0 errors, the same label on
+  at least 95% of rows (int8 against float32 flips a few close calls).
 """
 
 from __future__ import annotations
@@ -30,6 +41,11 @@ MISS_80_TAIL = 4.0
 REFUSAL_MS = 50.0
 RSS_OVER_PIPELINE_MB = 150.0
 RECOVERY_VS_IDLE = 2.0   # "served normally": our reading, p50 within 2x the miss-idle p50
+CLASSIFY_COLD_VS_SCRIPT = 0.45
+CLASSIFY_WARM_VS_SCRIPT = 0.1
+CLASSIFY_TARGET_VS_MISS = 0.9
+CLASSIFY_RSS_OVER_SCRIPT_MB = 100.0
+CLASSIFY_LABELS_AGREE = 0.95   # "the same labels on most rows": our reading
 
 
 @dataclass(frozen=True)
@@ -101,6 +117,8 @@ def check_targets(results: list[ScenarioResult], model_dtype: str | None) -> lis
 
     checks += _overload_checks(over, idle)
     checks += _rss_checks(miss, over, pipe)
+    if any(res.name == "classify" for res in results):  # its bars only where it was asked for
+        checks += _classify_checks(r.get("classify"))
     return checks
 
 
@@ -160,6 +178,53 @@ def _rss_checks(miss: ScenarioResult | None, over: ScenarioResult | None, pipe: 
         diff = mb - pipe_mb
         out.append(Check(key, what, f"{'+' if diff >= 0 else ''}{diff:,.0f} MB ({mb:,.0f} vs {pipe_mb:,.0f} MB)",
                          target, diff <= RSS_OVER_PIPELINE_MB))
+    return out
+
+
+def _classify_checks(res: ScenarioResult | None) -> list[Check]:
+    ex = res.extras if res else {}
+    fig = ex.get("figures") or {}
+    fair = ex.get("script_fair") or {}
+    out = []
+    for key, what, part, bar in (("classify_cold", "classify cold (embedded, empty L2) vs fair script", "cold",
+                                  CLASSIFY_COLD_VS_SCRIPT),
+                                 ("classify_warm", "classify warm (every row in L2) vs fair script", "warm",
+                                  CLASSIFY_WARM_VS_SCRIPT)):
+        ratio, own = fig.get(f"{part}_vs_fair_script"), ex.get(part) or {}
+        if ratio is None:
+            out.append(_missing(key, what, f"<= {bar:g}x", f"classify {part} + the fair script"))
+            continue
+        value = f"{ratio:.2f}x ({_f(own['seconds'], ' s')} vs {_f(fair['seconds'], ' s')})"
+        out.append(Check(key, what, value, f"<= {bar:g}x", ratio <= bar))
+
+    what, target = "classify --target rows/s vs miss texts/s", f">= {CLASSIFY_TARGET_VS_MISS:.0%}"
+    ratio, own = fig.get("target_rows_vs_miss_texts"), ex.get("target") or {}
+    if ratio is None:
+        out.append(_missing("classify_target", what, target, "classify --target + the miss capacity"))
+    else:
+        value = f"{ratio:.0%} ({_f(own['rows_per_s'])} rows/s vs {_f(ex['miss_capacity_texts_per_s'])} texts/s)"
+        out.append(Check("classify_target", what, value, target, ratio >= CLASSIFY_TARGET_VS_MISS))
+
+    what, target = "classify peak RSS (process tree) vs fair script", f"<= script + {CLASSIFY_RSS_OVER_SCRIPT_MB:g} MB"
+    diff = fig.get("rss_peak_minus_fair_script_mb")
+    if diff is None:
+        out.append(_missing("classify_rss", what, target, "classify cold or warm + the fair script"))
+    else:
+        value = f"{'+' if diff >= 0 else ''}{diff:,.0f} MB ({fig['tiergate_peak_rss_mb']:,.0f} vs " \
+                f"{fair['peak_tree_rss_mb']:,.0f} MB)"
+        out.append(Check("classify_rss", what, value, target, diff <= CLASSIFY_RSS_OVER_SCRIPT_MB))
+
+    what = "classify output vs the script's"
+    target = f"same rows, 0 errors, labels agree >= {CLASSIFY_LABELS_AGREE:.0%}"
+    agree = fig.get("labels_cold_vs_fair_script")
+    if agree is None or agree["share"] is None:
+        out.append(_missing("classify_output", what, target, "classify cold + the fair script"))
+    else:
+        errors = sum(fig.get(f"{k}_errors", 0) for k in ("cold", "warm", "target"))
+        same_rows = agree["rows_a"] == agree["rows_b"] == agree["common"]
+        value = f"rows {agree['rows_a']}/{agree['rows_b']}, {errors} errors, labels agree {agree['share']:.1%}"
+        out.append(Check("classify_output", what, value, target,
+                         same_rows and errors == 0 and agree["share"] >= CLASSIFY_LABELS_AGREE))
     return out
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from gateway.bench.scenarios import OPEN_LOOP_RPS, ScenarioResult
 from gateway.bench.targets import TIER_KEYS
 
-__all__ = ["ratios", "render_table", "write_json", "draw_latency_png", "miss_lines", "PNG_NAME"]
+__all__ = ["ratios", "render_table", "write_json", "draw_latency_png", "miss_lines", "classify_lines", "PNG_NAME"]
 
 PNG_NAME = "hit_unary_latency.png"
 COLUMNS = ("scenario", "target", "calls/s", "texts/s", "p50 ms", "p95 ms", "p99 ms", "errors", "tier hits",
@@ -47,6 +47,9 @@ def ratios(results: list[ScenarioResult]) -> dict[str, float]:
         out["miss_idle_p50_vs_bare_forward_p50"] = _ratio(idle.load.p50_ms, bare.get("p50_ms"))
     if m80 is not None and m80.load is not None:
         out["miss_80_p99_vs_p50"] = _ratio(m80.load.p99_ms, m80.load.p50_ms)
+    fig = r["classify"].extras.get("figures") or {} if "classify" in r else {}
+    for key in ("cold_vs_fair_script", "warm_vs_fair_script", "target_rows_vs_miss_texts"):
+        out[f"classify_{key}"] = fig.get(key)
     return {k: round(v, 4) for k, v in out.items() if v is not None}
 
 
@@ -89,8 +92,18 @@ def _ratio_cell(res: ScenarioResult, rat: dict[str, float]) -> str:
         "miss-idle": [x("miss_idle_p50_vs_bare_forward_p50", "bare forward p50")],
         "miss-80": [f"p99/p50 {rat['miss_80_p99_vs_p50']:.2f}x" if "miss_80_p99_vs_p50" in rat else None],
         "overload": [_overload_cell(res)],
+        "classify": [_classify_cell(rat)],
     }.get(res.name, [])
     return ", ".join(c for c in cells if c)
+
+
+def _classify_cell(rat: dict[str, float]) -> str | None:
+    times = [f"{rat[k]:.2f}x {what}" for k, what in (("classify_cold_vs_fair_script", "cold"),
+                                                     ("classify_warm_vs_fair_script", "warm")) if k in rat]
+    parts = [", ".join(times) + " vs fair script"] if times else []
+    if "classify_target_rows_vs_miss_texts" in rat:
+        parts.append(f"--target {rat['classify_target_rows_vs_miss_texts']:.2f}x miss")
+    return ", ".join(parts) or None
 
 
 def _overload_cell(res: ScenarioResult) -> str | None:
@@ -134,6 +147,71 @@ def miss_lines(results: list[ScenarioResult]) -> list[str]:
     return out
 
 
+def _counts(summary: dict | None) -> str:
+    if not summary:
+        return "no summary line"
+    names = (("model", "model"), ("l1", "L1"), ("l2", "L2"), ("l3", "L3"), ("errors", "errors"))
+    return ", ".join(f"{summary[k]} {label}" for k, label in names if k in summary) or summary["line"][:60]
+
+
+def classify_lines(results: list[ScenarioResult]) -> list[str]:
+    """The classify scenario's parts, one line each, under the table."""
+    res = _by_name(results).get("classify")
+    if res is None:
+        return []
+    ex = res.extras
+    fig = ex.get("figures") or {}
+    fair = (ex.get("script_fair") or {}).get("seconds")
+
+    def vs_fair(part: dict) -> str:
+        return f"{part['seconds'] / fair:.2f}x" if fair and "seconds" in part else "-"
+
+    def agree(key: str, other: str) -> str:
+        a = fig.get(key)
+        return f"; labels agree {a['share']:.1%} with {other}" if a and a["share"] is not None else ""
+
+    rows: list[tuple[str, ...]] = []
+    for key, what in (("script_as_written", "pipeline script, as written (no batch_size)"),
+                      ("script_fair", "pipeline script, batch_size=8 (fair)"),
+                      ("cold", "tiergate classify, cold (embedded, empty L2)"),
+                      ("warm", "tiergate classify, warm (same L2)"),
+                      ("target", "tiergate classify --target (bench's gateway)")):
+        part = ex.get(key) or {}
+        if "error" in part or not part:
+            rows.append((what, "-", "-", "-", "-", f"failed: {part['error'].splitlines()[0][:80]}" if part else
+                         "did not run"))
+            continue
+        rate = part.get("rows_per_s") or (ex["rows"] / part["seconds"] if part["seconds"] else None)
+        if key.startswith("script"):
+            note = f"VmHWM {_num(part['vmhwm_mb'])} MB, model load {_num(part['load_seconds'])} s"
+        else:
+            note = _counts(part.get("summary")) + f", exit {part['returncode']}"
+        if key == "cold":
+            note += agree("labels_cold_vs_fair_script", "the fair script")
+        elif key == "warm":
+            note += agree("labels_warm_vs_cold", "cold")
+        elif key == "target":
+            if part.get("rows_per_s_in_command"):
+                note += f"; {_num(part['rows_per_s_in_command'])} rows/s by its own clock"
+            note += (f"; {fig['target_rows_vs_miss_texts']:.2f}x the miss capacity "
+                     f"({_num(ex['miss_capacity_texts_per_s'])} texts/s, from {ex.get('miss_capacity_from')})"
+                     if "target_rows_vs_miss_texts" in fig else "; no miss capacity to compare with")
+        peak = "-" if key == "target" else _num(part["peak_tree_rss_mb"])  # --target: a client; the gateway is bench's
+        rows.append((what, _num(part["seconds"]), _num(rate), peak, "-" if key == "target" else vs_fair(part), note))
+    head = ("classify run", "seconds", "rows/s", "peak RSS MB", "vs fair", "")
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(5)]
+    out = [f"classify: {ex.get('rows')} CSV rows, {ex.get('words_mean')} words on average (seconds from process "
+           f"start: scripts until their output exists, tiergate until it exits; peak RSS summed over the process "
+           f"tree, sampled every {ex.get('rss_sample_s', 0) * 1000:.0f} ms)"]
+    for r in [head] + rows:
+        out.append("  " + "  ".join([r[0].ljust(widths[0])] + [c.rjust(widths[i]) for i, c in enumerate(r[1:5], 1)]
+                                    + [r[5]]).rstrip())
+    if "rss_peak_minus_fair_script_mb" in fig:
+        out.append(f"  peak RSS tiergate (larger of cold, warm) minus the fair script: "
+                   f"{fig['rss_peak_minus_fair_script_mb']:+,.0f} MB")
+    return out
+
+
 def render_table(results: list[ScenarioResult], *, header: list[str], footer: list[str]) -> str:
     rat = ratios(results)
     rows = []
@@ -171,6 +249,9 @@ def ratio_legend(results: list[ScenarioResult]) -> list[str]:
         out.append("ratio on pipeline: tiergate's summed RSS (end of miss) over the pipeline process's RSS")
     if "miss_idle_p50_vs_bare_forward_p50" in rat:
         out.append("ratio on miss-idle: its p50 over one bare forward pass's p50 (same model, precision, texts)")
+    if any(k.startswith("classify_") for k in rat):
+        out.append("ratio on classify: tiergate classify's wall time over the pipeline script's (batch_size=8), "
+                   "and --target rows/s over the miss texts/s")
     if "overload" in _by_name(results):
         out.append("overload: latencies of served calls from the scheduled send, of refused ones from the actual "
                    "send; hung = calls that reached the client deadline")

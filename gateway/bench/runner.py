@@ -20,6 +20,7 @@ from gateway.bench.loadgen import Tools, find_tools, generators
 from gateway.bench.procs import OthersCpu
 from gateway.bench.report import (
     PNG_NAME,
+    classify_lines,
     draw_latency_png,
     miss_lines,
     open_loop_line,
@@ -136,7 +137,8 @@ def _measure(cfg: BenchConfig, tools: Tools, gens: list, out: Outcome) -> None:
         out.workers_seen = stats["workers"] if stats else None
         out.start_stats = stats
         ctx = BenchContext(config=cfg, gens=gens, workdir=workdir, out=cfg.out, files=files, tiergate=out.target,
-                           log=_log, gostub_path=tools.gostub, workers=out.workers_seen or 1, stats=stats)
+                           log=_log, gostub_path=tools.gostub, workers=out.workers_seen or 1, stats=stats,
+                           run_tag=out.run_tag)
         for i, name in enumerate(cfg.scenarios, 1):
             scen = SCENARIOS[name]
             _log(f"[{i}/{len(cfg.scenarios)}] {name}: {scen.about}")
@@ -187,6 +189,7 @@ def _footer(cfg: BenchConfig, out: Outcome, primary, png_msg: str) -> list[str]:
     if line:
         lines.append(line)
     lines += miss_lines(out.results)
+    lines += classify_lines(out.results)
     lines += ratio_legend(out.results)
     if cfg.target is not None and cfg.pid is None:
         lines.append("RSS n/a: with --target, pass --pid PID (the gateway's root process) to sum its process tree")

@@ -87,6 +87,7 @@ class BenchContext:
     primed: bool = False
     miss_capacity: float | None = None  # texts/s of closed-loop misses (the miss scenario, or a probe)
     miss_capacity_from: str = ""
+    run_tag: str = ""             # this run's tag, in every text no earlier run sent (see texts.make_text_sets)
 
     def fresh(self, tag: str) -> str:
         """A new file of miss texts that no earlier scenario sent (each line

@@ -126,10 +126,8 @@ async def run_classify(request: ClassifyRequest, start_stack=None) -> int:
     finished = False
     loop = asyncio.get_running_loop()
 
-    def on_signal() -> None:
+    def on_signal() -> None:  # installed once the job exists; before, Ctrl-C cancels the start-up
         nonlocal interrupted
-        if job is None:
-            raise KeyboardInterrupt
         if interrupted:  # the second one: do not wait for calls in flight
             job.cancel_in_flight()
         interrupted = True

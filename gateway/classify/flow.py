@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
-__all__ = ["RETRY_CODES", "SLOW_DOWN_CODES", "AdaptiveWindow", "Backoff"]
+__all__ = ["MIN_CALLS", "RETRY_CODES", "SLOW_DOWN_CODES", "AdaptiveWindow", "Backoff"]
 
 # The gateway is busy, restarting, or was slower than the call's deadline:
 # the same call can succeed later.
@@ -26,6 +26,7 @@ RETRY_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNA
                          grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED})
 # ...and of those, the ones that say "too much at once".
 SLOW_DOWN_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED})
+MIN_CALLS = 4  # calls the window is split into at least
 
 
 class AdaptiveWindow:
@@ -41,8 +42,11 @@ class AdaptiveWindow:
         self.decreases = 0
 
     def call_size(self) -> int:
-        """Texts for the next call: a full call, or less while the window is smaller."""
-        return max(1, min(self.call_texts, int(self.limit)))
+        """Texts for the next call: a full call, or less while the window holds
+        fewer than MIN_CALLS of them. A call is answered only when all its texts
+        are, so a window of one call would leave the model idle from the end of
+        one call until the next arrives; several smaller ones keep it fed."""
+        return max(1, min(self.call_texts, int(self.limit / MIN_CALLS)))
 
     def may_send(self, in_flight: int, size: int) -> bool:
         return in_flight == 0 or in_flight + size <= self.limit
