@@ -66,6 +66,13 @@ def _nonnegative_seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = _nonnegative_seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be a number of seconds > 0, got 0")
+    return value
+
+
 def _add_drain_flags(p: argparse.ArgumentParser, what: str) -> None:
     d = DrainConfig()
     g = p.add_argument_group("shutdown (SIGTERM or SIGINT; a second signal ends the drain period at once)")
@@ -196,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-retry-s", type=_nonnegative_seconds, default=300.0, metavar="SECONDS",
                    help="how long one call is retried while the gateway refuses it (RESOURCE_EXHAUSTED) or is "
                    "unreachable, before the job stops (default: %(default)s)")
-    p.add_argument("--call-timeout-s", type=_nonnegative_seconds, default=60.0, metavar="SECONDS",
+    p.add_argument("--call-timeout-s", type=_positive_seconds, default=60.0, metavar="SECONDS",
                    help="deadline of one call; a call past it is retried (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is not "
                    "a terminal)")

@@ -25,7 +25,7 @@ import grpc
 
 from gateway.classify.flow import Backoff
 from gateway.classify.job import ClassifyJob, JobOptions, JobStopped, Tally
-from gateway.classify.output import OutputFile, ResumeError
+from gateway.classify.output import OutputFile
 from gateway.classify.rows import RowSource, format_of, guess_format
 
 __all__ = ["ClassifyRequest", "run_classify", "request_from_args", "embedded_stack_factory", "EXIT_OK", "EXIT_ROW_ERRORS", "EXIT_STOPPED", "EXIT_INTERRUPTED"]
@@ -101,19 +101,26 @@ async def run_classify(request: ClassifyRequest, start_stack=None) -> int:
     when there is no target."""
     started = time.perf_counter()
     in_format = request.input_format or guess_format(request.input)
-    source = RowSource(request.input, request.column, in_format)
     out_format = request.format or in_format
+    if in_format == "jsonl" and out_format == "csv":
+        raise ValueError("--format csv needs CSV input: JSON Lines objects have no fixed columns (use --format jsonl)")
+    if request.resume and (request.input == "-" or not os.path.isfile(request.input)):
+        raise ValueError("--resume needs the input as a file: rows from stdin or a pipe cannot be checked to "
+                         "be the same as the interrupted run's")
     out_path = request.output or _default_output(request.input, out_format)
+    if out_path != "-" and os.path.isdir(out_path):
+        raise IsADirectoryError(f"the output {out_path} is a directory; give a file name (-o DIR/NAME)")
+    source = RowSource(request.input, request.column, in_format)
     render = format_of(out_format, source.fields)
     output = OutputFile(out_path, {"input": source.identity(), "column": request.column, "format": out_format})
-    if not request.resume and not output.to_stdout and os.path.exists(output.partial):
-        print(f"tiergate classify: starting over; {output.partial} of an interrupted run is replaced "
-              "(--resume would carry on from it)", file=sys.stderr)
     try:
         skipped = output.start(render.header(), request.resume)
-    except ResumeError:
+    except (ValueError, OSError):
         source.close()
         raise
+    if output.replaced_partial:
+        print(f"tiergate classify: starting over; {output.partial} of an interrupted run is replaced "
+              "(--resume would carry on from it)", file=sys.stderr)
     rows = iter(source)
     if skipped:
         for _ in itertools.islice(rows, skipped):  # already written by the interrupted run
@@ -150,23 +157,28 @@ async def run_classify(request: ClassifyRequest, start_stack=None) -> int:
             loop.remove_signal_handler(sig)
         progress.close()
         source.close()
-        if finished:
-            output.finish()
-        elif output.rows == 0 and not skipped:
-            output.discard()  # nothing to resume
-        else:
-            output.keep()
-        if stack is not None:
-            await stack.stop()
+        try:
+            if finished:
+                output.finish()
+            elif output.rows == 0 and not skipped:
+                output.discard()  # nothing to resume
+            else:
+                output.keep()
+        finally:
+            if stack is not None:
+                await stack.stop()
     seconds = time.perf_counter() - started
-    where = out_path if out_path == "-" else output.partial
     if not finished:
-        done = skipped + tally.rows
         why = ("interrupted" if interrupted and job.failure is None
                else f"error: {job.failure}" if isinstance(job.failure, JobStopped)
                else f"error: {job.failure!r}")
-        resume = "; run the same command with --resume to go on" if out_path != "-" and done else ""
-        print(f"tiergate classify: {why}; {done} rows are written to {where}{resume}", file=sys.stderr)
+        if output.to_stdout:
+            kept = f"{output.rows} rows were written to stdout"
+        elif output.rows:
+            kept = f"{output.rows} rows are written to {output.partial}; run the same command with --resume to go on"
+        else:
+            kept = "no row was written"
+        print(f"tiergate classify: {why}; {kept}", file=sys.stderr)
         return EXIT_INTERRUPTED if interrupted and job.failure is None else EXIT_STOPPED
     model_needed = stack.model_started if stack is not None else None
     print(_summary(tally, seconds, out_path, skipped, output.errors - tally.errors, model_needed), file=sys.stderr)

@@ -21,6 +21,7 @@ import grpc
 
 from gateway.classify.flow import RETRY_CODES, SLOW_DOWN_CODES, AdaptiveWindow, Backoff
 from gateway.classify.output import OutputFile
+from gateway.classify.feed import RowFeed
 from gateway.classify.rows import Result, Row
 from protos import classifier_pb2, classifier_pb2_grpc
 
@@ -31,6 +32,14 @@ log = logging.getLogger(__name__)
 TIERS = ("MODEL", "L1", "L2", "L3")
 _TIER_NAMES = {v.number: v.name.removeprefix("TIER_") for v in classifier_pb2.Tier.DESCRIPTOR.values}
 _READ_AHEAD_WINDOWS = 4  # rows read beyond the oldest unwritten one: this many full windows
+_TOO_LARGE = "larger than max"  # gRPC's words for a message over the receiver's limit
+
+
+def _why(code: grpc.StatusCode, details: str | None, target: str, options: JobOptions) -> str:
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"calls to the gateway at {target} kept exceeding their deadline (--call-timeout-s " \
+               f"{options.call_timeout_s:g})"
+    return f"the gateway at {target} answered {code.name} ({details})"
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,8 @@ class ClassifyJob:
         self._changed = asyncio.Event()  # a call ended: there may be room for the next
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
+        self._told_retrying = False
+        self._feed_buffer = 2 * options.batch_size
         self.failure: BaseException | None = None
 
     def stop(self) -> None:
@@ -107,25 +118,41 @@ class ClassifyJob:
             task.cancel()
 
     @property
-    def read_ahead_limit(self) -> int:
+    def _taken_limit(self) -> int:
+        """Rows taken from the feed beyond the oldest unwritten one, at most."""
         return int(self.window.max_texts) * _READ_AHEAD_WINDOWS
+
+    @property
+    def read_ahead_limit(self) -> int:
+        """Rows read from the input beyond the oldest unwritten one, at most:
+        those taken, the feed's buffer, and the one its thread holds."""
+        return self._taken_limit + self._feed_buffer + 1
+
+    def _interrupted(self) -> bool:
+        return self._stopping or self.failure is not None
 
     async def run(self, rows: Iterator[Row], *, grace_s: float = 10.0) -> bool:
         """True once every row is written; False if stopped first, by stop()
-        (calls in flight get grace_s to bring their answers) or by a failure."""
-        exhausted = await self._dispatch(rows)
-        while self._tasks and not self._stopping and self.failure is None:
-            self._changed.clear()
-            await self._changed.wait()
-        if self._tasks:
-            timeout = grace_s if self.failure is None else 0
-            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        (calls in flight get grace_s to bring their answers) or by a failure.
+        An error reading the input is raised."""
+        feed = RowFeed(rows, buffer=self._feed_buffer)
+        try:
+            exhausted = await self._dispatch(feed)
+            while self._tasks and not self._stopping and self.failure is None:
+                self._changed.clear()
+                await self._changed.wait()
+            if self._tasks:
+                timeout = grace_s if self.failure is None else 0
+                await asyncio.wait(set(self._tasks), timeout=timeout)
+        finally:
+            pending = list(self._tasks)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+            feed.close()
         return exhausted and self.failure is None and self._next_write == self._next_read
 
-    async def _dispatch(self, rows: Iterator[Row]) -> bool:
+    async def _dispatch(self, feed: RowFeed) -> bool:
         """Send every row; True once the input is exhausted, False if stopped first."""
         window = self.window
         while True:
@@ -136,13 +163,12 @@ class ClassifyJob:
                 size = window.call_size()
             if self._stopping or self.failure is not None:
                 return False
+            room = min(size, self._taken_limit - (self._next_read - self._next_write))
+            rows, exhausted = await feed.take(room, self._changed, self._interrupted)
+            if self._stopping or self.failure is not None:
+                return False
             chunk: list[tuple[int, Row]] = []
-            exhausted = False
-            while len(chunk) < size and self._next_read - self._next_write < self.read_ahead_limit:
-                row = next(rows, None)
-                if row is None:
-                    exhausted = True
-                    break
+            for row in rows:
                 seq, self._next_read = self._next_read, self._next_read + 1
                 if row.text is None:
                     self._deliver(seq, row, Result(error=row.problem or "no text"))
@@ -159,10 +185,10 @@ class ClassifyJob:
                 return True
 
     def _room_for(self, size: int) -> bool:
-        if self._stopping or self.failure is not None:
+        if self._interrupted():
             return True  # to leave the loop
         return (self.window.may_send(self._in_flight, size)
-                and self._next_read - self._next_write < self.read_ahead_limit)
+                and self._next_read - self._next_write < self._taken_limit)
 
     def _call_ended(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
@@ -200,6 +226,19 @@ class ClassifyJob:
                 results = await self._send(piece)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
+                if self._stopping:
+                    return  # stopped: these rows stay unwritten, for --resume
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE in (exc.details() or ""):
+                    # Not backpressure: the message is over the gateway's size limit.
+                    if len(piece) > 1:
+                        half = len(piece) // 2
+                        pieces[:0] = [piece[:half], piece[half:]]
+                    else:
+                        self._in_flight -= 1
+                        seq, row = piece[0]
+                        self._deliver(seq, row, Result(error="the text is larger than the gateway accepts in one "
+                                                       f"message ({exc.details()})"))
+                    continue
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
                     if len(piece) > 1:  # one text spoils the call: find it by sending each alone
                         pieces[:0] = [[one] for one in piece]
@@ -213,9 +252,13 @@ class ClassifyJob:
                 now = time.monotonic()
                 first_failure = first_failure or now
                 if now - first_failure >= options.max_retry_s:
-                    raise JobStopped(
-                        f"the gateway at {self._target} kept answering {code.name} ({exc.details()}) for "
-                        f"{now - first_failure:.0f} s (--max-retry-s {options.max_retry_s:g})") from None
+                    raise JobStopped(f"{_why(code, exc.details(), self._target, options)} for "
+                                     f"{now - first_failure:.1f} s (--max-retry-s {options.max_retry_s:g})") from None
+                if not self._told_retrying and code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    # (backpressure is what a batch job meets all the time: no news)
+                    self._told_retrying = True
+                    log.warning("%s; retrying with backoff for up to %g s (--max-retry-s)",
+                                _why(code, exc.details(), self._target, options), options.max_retry_s)
                 if code in SLOW_DOWN_CODES:
                     self.tally.refusals += 1
                     window.on_slow_down(epoch)
@@ -224,6 +267,8 @@ class ClassifyJob:
                 size = window.call_size()
                 pieces[:0] = [piece[i:i + size] for i in range(0, len(piece), size)]
                 await asyncio.sleep(options.backoff.pause_s(attempt))
+                if self._stopping:
+                    return
                 continue
             if len(results) != len(piece):
                 raise JobStopped(f"the gateway at {self._target} answered {len(results)} results "

@@ -10,6 +10,7 @@ to what the record vouches for and carries on after that many rows.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
@@ -38,6 +39,7 @@ class OutputFile:
         self.errors = 0    # of them, rows with an error value
         self.bytes = 0
         self._recorded_at = 0.0
+        self.replaced_partial = False  # start() cut back the partial file of an earlier, interrupted run
 
     def start(self, header: bytes, resume: bool) -> int:
         """Open for writing; the number of input rows already done (resume) or 0."""
@@ -48,15 +50,34 @@ class OutputFile:
             self._file.write(header)
             return 0
         if resume and os.path.exists(self.partial):
-            return self._reopen()
+            self._file = self._open_locked()
+            try:
+                return self._reopen(len(header))
+            except BaseException:
+                self._file.close()
+                self._file = None
+                raise
         if resume and os.path.exists(self.path):
             raise ResumeError(f"{self.path} is already complete; nothing to resume (run without --resume to redo it)")
-        self._file = open(self.partial, "wb")
+        self.replaced_partial = os.path.exists(self.partial)
+        self._file = self._open_locked()
+        self._file.truncate(0)
         self._write(header, 0)
         self.checkpoint()
         return 0
 
-    def _reopen(self) -> int:
+    def _open_locked(self):
+        """The partial file, opened for writing and locked: two jobs writing
+        the same output would interleave their rows."""
+        f = os.fdopen(os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o666), "r+b")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise ValueError(f"another tiergate classify is writing {self.path} ({self.partial} is locked)") from None
+        return f
+
+    def _reopen(self, header_bytes: int) -> int:
         try:
             with open(self.record, encoding="utf-8") as f:
                 record = json.load(f)
@@ -70,7 +91,10 @@ class OutputFile:
         if os.path.getsize(self.partial) < size:
             raise ResumeError(f"{self.partial} is shorter than its progress record says; "
                               "run without --resume to start over")
-        self._file = open(self.partial, "r+b")
+        self._file.seek(max(0, size - 1))
+        if rows < 0 or errors < 0 or size < header_bytes or (size > 0 and self._file.read(1) != b"\n"):
+            raise ResumeError(f"the progress record {self.record} does not match {self.partial}; "
+                              "run without --resume to start over")
         self._file.truncate(size)  # whatever was written after the last record is redone
         self._file.seek(size)
         self.rows, self.bytes, self.errors = rows, size, errors

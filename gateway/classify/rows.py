@@ -8,6 +8,7 @@ an error value instead of a text that was silently repaired.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -20,7 +21,22 @@ __all__ = ["ANSWER_COLUMNS", "Row", "Result", "RowSource", "CsvFormat", "JsonlFo
 
 ANSWER_COLUMNS = ("label", "score", "tier", "model", "error")
 
-_ENCODING = dict(encoding="utf-8", errors="surrogateescape")
+_READ = dict(encoding="utf-8-sig", errors="surrogateescape")  # -sig: Excel's "CSV UTF-8" starts with a BOM
+_FIELD_LIMIT = 64 * 1024 * 1024  # csv's default (128 KiB) would stop the job at one long text; the gateway
+                                 # answers a text over its --max-text-bytes with an error value instead
+
+
+def _keep_bytes(exc: UnicodeEncodeError):
+    """Encoding errors: bytes read as surrogateescape go back out as they came;
+    any other lone surrogate (a JSON "\\ud800") is written as its escape."""
+    out = []
+    for ch in exc.object[exc.start:exc.end]:
+        code = ord(ch)
+        out.append(bytes([code - 0xDC00]) if 0xDC80 <= code <= 0xDCFF else ch.encode("unicode_escape"))
+    return b"".join(out), exc.end
+
+
+codecs.register_error("tiergate.keep", _keep_bytes)
 
 
 @dataclass(slots=True)
@@ -57,20 +73,30 @@ class RowSource:
     def __init__(self, path: str, column: str, fmt: str) -> None:
         self.path, self.column, self.format = path, column, fmt
         if path == "-":
-            self._file: IO[str] = io.TextIOWrapper(sys.stdin.buffer, newline="", **_ENCODING)
+            self._file: IO[str] = io.TextIOWrapper(sys.stdin.buffer, newline="", **_READ)
         else:
-            if not os.path.isfile(path):
+            if os.path.isdir(path):
+                raise IsADirectoryError(f"{path} is a directory, not a file")
+            if not os.path.exists(path):  # (a pipe, e.g. bash's <(...), is welcome)
                 raise FileNotFoundError(f"no such file: {path}")
-            self._file = open(path, newline="", **_ENCODING)
+            self._file = open(path, newline="", **_READ)
         self.fields: list[str] = []
         self._csv = None
         if fmt == "csv":
-            self._csv = csv.reader(self._file)
-            self.fields = next(self._csv, [])
+            csv.field_size_limit(_FIELD_LIMIT)
+            # strict: a quote still open at the end of the file is an error, not one giant text
+            self._csv = csv.reader(self._file, strict=True)
+            try:
+                self.fields = next(self._csv, [])
+            except csv.Error as exc:
+                self._file.close()
+                raise ValueError(f"{path} is not valid CSV at its header: {exc}") from None
             if column not in self.fields:
                 self._file.close()
+                hint = " (is it JSON Lines? --input-format jsonl)" if self.fields[:1] and \
+                    self.fields[0].lstrip().startswith("{") else ""
                 raise ValueError(f"column {column!r} is not in {path} "
-                                 f"(its columns: {', '.join(self.fields) or 'none: the file is empty'})")
+                                 f"(its columns: {', '.join(self.fields) or 'none: the file is empty'}){hint}")
             self._text_at = self.fields.index(column)
         self.line = 0  # JSON Lines: the last line read
 
@@ -83,8 +109,8 @@ class RowSource:
 
     def estimated_rows(self) -> int | None:
         """Lines in the file (a progress bar's total; quoted newlines make it an estimate)."""
-        if self.path == "-":
-            return None
+        if self.path == "-" or not os.path.isfile(self.path):
+            return None  # a pipe: counting would consume it
         count = 0
         with open(self.path, "rb") as f:
             while block := f.read(1 << 20):
@@ -98,6 +124,12 @@ class RowSource:
         return self._csv_rows() if self._csv is not None else self._json_rows()
 
     def _csv_rows(self) -> Iterator[Row]:
+        try:
+            yield from self._csv_records()
+        except csv.Error as exc:
+            raise ValueError(f"{self.path} is not valid CSV at line {self._csv.line_num}: {exc}") from None
+
+    def _csv_records(self) -> Iterator[Row]:
         width, at, column = len(self.fields), self._text_at, self.column
         for values in self._csv:
             if not values:
@@ -151,7 +183,7 @@ class CsvFormat:
     def _render(self, rows: list[list]) -> bytes:
         buffer = io.StringIO()
         csv.writer(buffer).writerows(rows)
-        return buffer.getvalue().encode(**_ENCODING)
+        return buffer.getvalue().encode("utf-8", "tiergate.keep")
 
     def header(self) -> bytes:
         return self._render([self.fields])
@@ -182,8 +214,12 @@ class JsonlFormat:
             obj = dict(zip(self._fields, row.values)) if isinstance(row.values, list) else dict(row.values)
             obj.update(label=r.label or None, score=None if r.score is None else round(r.score, 6),
                        tier=r.tier or None, model=r.model or None, error=r.error or None)
-            lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
-        return "".join(lines).encode(**_ENCODING)
+            line = json.dumps(obj, ensure_ascii=False)
+            try:
+                lines.append(line.encode("utf-8"))
+            except UnicodeEncodeError:  # bytes that were not UTF-8 (or lone surrogates): escaped, valid JSON
+                lines.append(json.dumps(obj).encode("ascii"))
+        return b"\n".join(lines) + b"\n" if lines else b""
 
 
 def format_of(name: str, fields: list[str]) -> CsvFormat | JsonlFormat:
