@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import time
 from typing import Callable, TypeVar
 
@@ -37,3 +38,16 @@ def inference_counters(address: str) -> dict[str, int]:
 def describe_model(address: str) -> inference_pb2.ModelInfo:
     with grpc.insecure_channel(address) as channel:
         return inference_pb2_grpc.InferenceStub(channel).Describe(inference_pb2.DescribeRequest(), timeout=5)
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids whose parent is `pid` (from /proc)."""
+    kids = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.helpers import eventually
+from tests.helpers import children_of, eventually
 
 SCORE_TOLERANCE = 2e-5  # answers are batch-invariant to 1e-5; the file prints 6 decimals
 
@@ -145,18 +145,6 @@ def test_an_interrupted_run_resumed_gives_the_uninterrupted_file(tmp_path, tiny_
     assert f"classified {len(rows) - done_rows} rows" in done.stderr.decode()
 
 
-def _children(pid: int) -> set[int]:
-    kids = set()
-    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.add(int(stat.parent.name))
-    return kids
-
-
 def test_a_warm_embedded_rerun_answers_from_l2_without_starting_the_model(tmp_path, tiny_model, env):
     rows = review_rows(300, tag="warm")
     source = write_csv(tmp_path / "reviews.csv", rows)
@@ -171,7 +159,7 @@ def test_a_warm_embedded_rerun_answers_from_l2_without_starting_the_model(tmp_pa
                             stderr=subprocess.PIPE, env={**os.environ, **env})
     children: set[int] = set()
     while proc.poll() is None:
-        children |= _children(proc.pid)
+        children |= set(children_of(proc.pid))
         time.sleep(0.005)
     stderr = proc.communicate()[1].decode()
     assert proc.returncode == 0, stderr

@@ -11,20 +11,8 @@ import grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protos import classifier_pb2
-from tests.helpers import eventually
+from tests.helpers import children_of, eventually
 from tests.support.processes import wait_serving
-
-
-def children_of(pid: int) -> list[int]:
-    kids = []
-    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
 
 
 def alive(pid: int) -> bool:
