@@ -54,6 +54,24 @@ def _add_gateway_flags(p: argparse.ArgumentParser, *, port_default: int = 50051)
                    help="most texts in one ClassifyBatch; more: INVALID_ARGUMENT (default: %(default)s)")
     g.add_argument("--max-concurrent-rpcs", type=_positive_int, default=None,
                    help="calls in progress at once; more: RESOURCE_EXHAUSTED at once (default: no limit)")
+    c = p.add_argument_group("client connections")
+    c.add_argument("--min-client-ping-s", type=_nonnegative_seconds, default=5.0, metavar="SECONDS",
+                   help="clients may send keepalive pings this often, with or without calls in flight; more often "
+                   "and gRPC closes the connection with too_many_pings (default: %(default)s)")
+    c.add_argument("--keepalive-s", type=_positive_seconds, default=60.0, metavar="SECONDS",
+                   help="the gateway pings a connection idle this long, and closes it when the ping goes "
+                   "unanswered for --keepalive-timeout-s (default: %(default)s)")
+    c.add_argument("--keepalive-timeout-s", type=_positive_seconds, default=20.0, metavar="SECONDS",
+                   help="(default: %(default)s)")
+    c.add_argument("--max-connection-age-s", type=_positive_seconds, default=None, metavar="SECONDS",
+                   help="close each client connection (GOAWAY) after this long, so that long-lived clients "
+                   "reconnect and spread again over the --workers (one connection always stays on one worker); "
+                   "calls in flight get --max-connection-age-grace-s (default: no limit)")
+    c.add_argument("--max-connection-age-grace-s", type=_nonnegative_seconds, default=30.0, metavar="SECONDS",
+                   help="(default: %(default)s)")
+    c.add_argument("--max-concurrent-streams", type=_positive_int, default=None, metavar="N",
+                   help="calls at once on one client connection; more wait for a free one (default: gRPC's, "
+                   "unlimited)")
     g.add_argument("--max-pending-misses", type=_positive_int, default=4096,
                    help="texts one gateway process has waiting for the model; more: RESOURCE_EXHAUSTED at once "
                    "(default: %(default)s)")
@@ -228,6 +246,7 @@ def gateway_config(args, inference_targets: list[str]):
     from cache import LmdbConfig, RedisConfig
     from cache.entry import load_cache_secret
     from gateway.classifier import Limits
+    from gateway.connections import ConnectionOptions
     from gateway.server import GatewayConfig
     from inference.paths import cache_root
 
@@ -245,6 +264,11 @@ def gateway_config(args, inference_targets: list[str]):
         inference_targets=tuple(inference_targets), host=args.host, port=args.port, l1_max_entries=args.l1_entries,
         filter_capacity=args.filter_capacity,
         lmdb=lmdb, redis=redis, max_concurrent_rpcs=args.max_concurrent_rpcs,
+        connections=ConnectionOptions(
+            min_client_ping_s=args.min_client_ping_s, keepalive_s=args.keepalive_s,
+            keepalive_timeout_s=args.keepalive_timeout_s, max_connection_age_s=args.max_connection_age_s,
+            max_connection_age_grace_s=args.max_connection_age_grace_s,
+            max_concurrent_streams=args.max_concurrent_streams),
         limits=Limits(max_text_bytes=args.max_text_bytes, max_batch=args.max_batch,
                       max_pending_misses=args.max_pending_misses),
     )

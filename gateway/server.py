@@ -14,9 +14,11 @@ from grpc_reflection.v1alpha import reflection
 from cache import CacheOptions, KeyFilter, LmdbConfig, LmdbTier, MemoryTier, RedisConfig, RedisTier, TieredCache
 from cache.l2_lmdb import filter_capacity_for
 from gateway.classifier import Classifier, Limits
+from gateway.connections import ConnectionOptions
 from gateway.gate import ClosingGate
 from gateway.servicer import ADMIN_SERVICE, CLASSIFIER_SERVICE, ClassifierHandlers, render_l1
 from protos.health import HEALTH_SERVICE, HealthService
+from protos.reflection import enable_reflection
 from gateway.stats_board import PUBLISH_INTERVAL_S, StatsBoard
 from cache.upstream import Upstream
 from inference.replicas import ReplicaSet
@@ -39,6 +41,7 @@ class GatewayConfig:
     redis: RedisConfig | None = None        # None: no L3
     limits: Limits = field(default_factory=Limits)
     max_concurrent_rpcs: int | None = None  # beyond it: RESOURCE_EXHAUSTED at once
+    connections: ConnectionOptions = field(default_factory=ConnectionOptions)
     connect_timeout_s: float = 60.0         # how long start() waits for the inference service
     stats_dir: str | None = None            # shared by the workers of one gateway (gateway.stats_board)
     cache_secret: bytes | None = field(default=None, repr=False)  # authenticates L2/L3 values; never logged
@@ -108,15 +111,14 @@ class GatewayServer:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 1),
+                *cfg.connections.server_options(),
             ],
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
         self._health = HealthService()
         server.add_generic_rpc_handlers(
             [self._gate, *self.handlers.generic_handlers(), self._health.generic_handler()])
-        reflection.enable_server_reflection(
-            [CLASSIFIER_SERVICE, ADMIN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME], server
-        )
+        enable_reflection([CLASSIFIER_SERVICE, ADMIN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
         self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port} (in use?)")

@@ -21,6 +21,7 @@ from inference.channel_options import SERVER_OPTIONS
 from inference.model import ModelConfig, SequenceClassifier
 from protos import inference_pb2, inference_pb2_grpc
 from protos.health import HEALTH_SERVICE, HealthService
+from protos.reflection import enable_reflection
 from protos.errors import Cancelled, ModelFailed, TiergateError, status_for
 
 __all__ = ["InferenceConfig", "InferenceServer", "SHUTTING_DOWN"]
@@ -173,7 +174,7 @@ class InferenceServer:
         inference_pb2_grpc.add_InferenceServicer_to_server(self._servicer, server)
         health = HealthService()
         server.add_generic_rpc_handlers([health.generic_handler()])
-        reflection.enable_server_reflection([SERVICE_NAME, reflection.SERVICE_NAME, HEALTH_SERVICE], server)
+        enable_reflection([SERVICE_NAME, reflection.SERVICE_NAME, HEALTH_SERVICE], server)
         self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         await server.start()
         for name in ("", SERVICE_NAME):

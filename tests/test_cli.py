@@ -52,6 +52,28 @@ def test_reflection_lists_the_public_service(procs, tmp_path, tiny_model):
         assert reply.file_descriptor_response.file_descriptor_proto
 
 
+def test_reflection_resolves_methods_fields_and_enum_values(procs, tmp_path, tiny_model):
+    # What ghz and grpcurl ask for when called with --call/describe and no .proto.
+    from google.protobuf import descriptor_pb2
+
+    gateway = procs.gateway(procs.inference(tiny_model), tmp_path / "l2")
+    symbols = ["tiergate.v1.Classifier", "tiergate.v1.Classifier.Classify", "tiergate.v1.Classifier.ClassifyBatch",
+               "tiergate.v1.Classifier.ClassifyStream", "tiergate.v1.GatewayAdmin.GetStats",
+               "tiergate.v1.ClassifyRequest", "tiergate.v1.ClassifyRequest.text", "tiergate.v1.Tier",
+               "tiergate.v1.Tier.TIER_L1", "tiergate.v1.TIER_L1", "grpc.health.v1.Health.Check"]
+    with grpc.insecure_channel(gateway.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        requests = [reflection_pb2.ServerReflectionRequest(file_containing_symbol=s) for s in symbols]
+        requests.append(reflection_pb2.ServerReflectionRequest(file_containing_symbol="tiergate.v1.Classifier.Nope"))
+        replies = list(stub.ServerReflectionInfo(iter(requests), timeout=5))
+    for symbol, reply in zip(symbols, replies):
+        assert reply.WhichOneof("message_response") == "file_descriptor_response", symbol
+        files = [descriptor_pb2.FileDescriptorProto.FromString(b)
+                 for b in reply.file_descriptor_response.file_descriptor_proto]
+        assert any(symbol.split(".")[-1] in str(f) for f in files), symbol
+    assert replies[-1].error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})})
