@@ -30,14 +30,17 @@ class CircuitBreaker:
     Not thread-safe: it belongs to one event loop, like the client it guards.
     """
 
-    __slots__ = ("failure_threshold", "cooldown_s", "_clock", "_state", "_failures", "_opened_at", "_probe_at")
+    __slots__ = ("failure_threshold", "cooldown_s", "_clock", "_state", "_failures", "_opened_at", "_probe_at",
+                 "_on_change")
 
     def __init__(
         self,
         failure_threshold: int = 3,
         cooldown_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[BreakerState, BreakerState], None] | None = None,
     ) -> None:
+        """`on_change(old, new)` is told every change of state (to log it, say)."""
         if failure_threshold < 1:
             raise ValueError(f"breaker failure_threshold must be >= 1, got {failure_threshold}")
         if not cooldown_s > 0:
@@ -49,6 +52,12 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._probe_at = 0.0
+        self._on_change = on_change
+
+    def _set(self, state: BreakerState) -> None:
+        old, self._state = self._state, state
+        if old is not state and self._on_change is not None:
+            self._on_change(old, state)
 
     @property
     def state(self) -> BreakerState:
@@ -64,8 +73,8 @@ class CircuitBreaker:
         if state is BreakerState.OPEN:
             if now - self._opened_at < self.cooldown_s:
                 return False
-            self._state = BreakerState.HALF_OPEN
             self._probe_at = now
+            self._set(BreakerState.HALF_OPEN)
             return True
         # HALF_OPEN: a probe is out. If it never reported back (its caller was
         # cancelled before it could), do not stay stuck: after another cooldown
@@ -89,8 +98,8 @@ class CircuitBreaker:
             # A call that went out before the breaker opened: it says nothing
             # about the remote now, and only the probe may close the breaker.
             return
-        self._state = BreakerState.CLOSED
         self._failures = 0
+        self._set(BreakerState.CLOSED)
 
     def record_failure(self) -> None:
         if self._state is BreakerState.HALF_OPEN:
@@ -101,9 +110,9 @@ class CircuitBreaker:
             self._open()
 
     def _open(self) -> None:
-        self._state = BreakerState.OPEN
         self._opened_at = self._clock()
         self._failures = 0
+        self._set(BreakerState.OPEN)
 
     def __repr__(self) -> str:
         return f"CircuitBreaker(state={self._state.value}, failures={self._failures})"

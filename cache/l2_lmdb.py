@@ -30,10 +30,13 @@ from typing import Callable, Iterator, Sequence
 import lmdb
 
 from cache.l2_recovery import CLEAN_SHUTDOWN_MARKER, CORRUPTION, EnvUse
+from protos.logs import Trouble
 
 __all__ = ["LmdbConfig", "LmdbTier", "CLEAN_SHUTDOWN_MARKER", "BYTES_PER_ENTRY", "filter_capacity_for"]
 
 log = logging.getLogger(__name__)
+
+_READ_KINDS = frozenset({"read", "scan", "age scan"})  # the rest are writes (write, mapfull, evict, sync, writer)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -132,7 +135,7 @@ class LmdbTier:
         self.counters: dict[str, int] = dict.fromkeys(
             ("hits", "misses", "writes", "evicted", "expired", "rebuilt",
              "write_errors", "read_errors", "dropped", "forgotten", "damaged"), 0)  # fmt: skip
-        self._logged: set[str] = set()
+        self._trouble = Trouble(log, f"L2 at {self.path}")  # logs when errors start, go on, and end
         self._pending = 0
         self._pending_lock = threading.Lock()
         # Held by readers for the length of a read transaction, and by whoever
@@ -177,7 +180,7 @@ class LmdbTier:
             try:
                 self._env.sync(True)
             except lmdb.Error as exc:
-                self._log_once("sync", exc)
+                self._failed("sync", exc)
             self._env.close()
         self._use.release(clean=True)
 
@@ -217,6 +220,9 @@ class LmdbTier:
         except lmdb.Error as exc:
             self._read_failed("read", exc)
             out = [None] * len(keys)
+        else:
+            if self._trouble.failing:
+                self._trouble.ok("reads")
         hits = sum(v is not None for v in out)
         self.counters["hits"] += hits
         self.counters["misses"] += len(keys) - hits
@@ -381,7 +387,7 @@ class LmdbTier:
                 if isinstance(exc, CORRUPTION):
                     self._damaged("write", exc)
                 else:
-                    self._log_once("writer", exc)
+                    self._failed("writer", exc)
             finally:
                 if batch:
                     with self._pending_lock:
@@ -424,10 +430,12 @@ class LmdbTier:
                     self._enforce_budget(txn, now, len(batch))
                 self.counters["writes"] += written
                 self.counters["forgotten"] += forgotten
+                if self._trouble.failing:
+                    self._trouble.ok("writes")
                 return
             except lmdb.MapFullError as exc:
                 if attempt == 0:
-                    self._log_once("mapfull", exc)
+                    self._failed("mapfull", exc)
                     self._evict_hard()
                     continue
                 break
@@ -438,7 +446,7 @@ class LmdbTier:
                 self._damaged("write", exc)
                 break
             except lmdb.Error as exc:
-                self._log_once("write", exc)
+                self._failed("write", exc)
                 break
         self.counters["write_errors"] += 1
         self.counters["dropped"] += len(batch)
@@ -534,7 +542,7 @@ class LmdbTier:
                     break
                 target -= done
         except lmdb.Error as exc:
-            self._log_once("evict", exc)
+            self._failed("evict", exc)
 
     def _adopt_map_size(self) -> None:
         # Another process grew the map: adopt its size. Needs no transaction of
@@ -549,7 +557,7 @@ class LmdbTier:
         if isinstance(exc, CORRUPTION):
             self._damaged(kind, exc)
         else:
-            self._log_once(kind, exc)
+            self._failed(kind, exc)
 
     def _damaged(self, kind: str, exc: lmdb.Error) -> None:
         """liblmdb says the file is damaged (any thread). Go on with what still
@@ -563,9 +571,5 @@ class LmdbTier:
         log.warning("L2 at %s is damaged (%s: %s): what reaches the damage misses, or is not written; "
                     "it will be moved aside at the next start", self.path, kind, exc)  # fmt: skip
 
-    def _log_once(self, kind: str, exc: BaseException) -> None:
-        if kind in self._logged:
-            log.debug("L2 %s error: %r", kind, exc)
-            return
-        self._logged.add(kind)
-        log.warning("L2 %s error (logged once, then counted): %r", kind, exc)
+    def _failed(self, kind: str, exc: BaseException) -> None:
+        self._trouble.failed("reads" if kind in _READ_KINDS else "writes", exc)

@@ -26,7 +26,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
 
-from cache.breaker import CircuitBreaker
+from cache.breaker import BreakerState, CircuitBreaker
+from protos.logs import Trouble
 
 __all__ = ["RedisConfig", "RedisTier"]
 
@@ -109,12 +110,13 @@ class RedisTier:
     def __init__(self, config: RedisConfig, *, clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:  # fmt: skip
         self.config = config
-        self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown_s, clock)
+        self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown_s, clock,
+                                      on_change=self._breaker_changed)
+        self._trouble = Trouble(log, "L3 Redis", clock=clock)  # logs when errors start, go on, and end
         self.wall_clock = wall_clock  # expiry times are unix seconds, shared between hosts
         self.counters: dict[str, int] = dict.fromkeys(
             ("hits", "misses", "errors", "skipped_open", "writes", "forgotten", "round_trips"), 0
         )
-        self._logged = False
         self._closed = False
         self._slots = asyncio.Semaphore(config.max_concurrent)
         self._waiting: deque[_Waiter] = deque()
@@ -195,7 +197,7 @@ class RedisTier:
                 except _FAILURES as exc:
                     await self._failed(exc)
                 else:
-                    self.breaker.record_success()
+                    self._succeeded()
                     if len(values) != len(keys):  # a protocol bug or a proxy: misses, not a mismatch
                         values = None
             else:
@@ -260,7 +262,7 @@ class RedisTier:
             except _FAILURES as exc:
                 await self._failed(exc)
                 return False
-        self.breaker.record_success()
+        self._succeeded()
         return True
 
     # -- failures and closing -------------------------------------------------
@@ -271,14 +273,22 @@ class RedisTier:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def _succeeded(self) -> None:
+        self.breaker.record_success()
+        if self._trouble.failing:
+            self._trouble.ok("calls")
+
+    def _breaker_changed(self, old: BreakerState, new: BreakerState) -> None:
+        if new is BreakerState.OPEN and old is BreakerState.CLOSED:
+            log.warning("L3 Redis: breaker open after %d failed calls in a row: L3 is skipped (misses go on to the "
+                        "model), and probed every %.0f s", self.breaker.failure_threshold, self.breaker.cooldown_s)
+        elif new is BreakerState.CLOSED:
+            log.warning("L3 Redis: breaker closed: a probe succeeded, L3 is used again")
+
     async def _failed(self, exc: BaseException) -> None:
-        self.breaker.record_failure()
         self.counters["errors"] += 1
-        if not self._logged:
-            self._logged = True
-            log.warning("L3 Redis error (logged once, then counted; the breaker skips L3 while it fails): %r", exc)
-        else:
-            log.debug("L3 Redis error: %r", exc)
+        self._trouble.failed("calls", exc)
+        self.breaker.record_failure()
         if isinstance(exc, _CONNECTION_FAILURES):
             # The pool's idle connections were most likely cut by the same
             # event (Redis restarted or gone): drop them, so the probe after the

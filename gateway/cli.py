@@ -12,6 +12,7 @@ import sys
 __all__ = ["main", "build_parser"]
 
 from gateway.lifecycle import DrainConfig, StopSignals, drain_and_stop, exit_with_parent
+from protos.logs import FORMAT_ENV, FORMATS, configure_logging
 from inference.model import MAX_AUTO_LANES  # light: torch loads only when a model does
 
 log = logging.getLogger("tiergate")
@@ -171,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(L1 RAM, L2 LMDB, L3 Redis) in front of one shared model.")
     parser.add_argument("--log-level", default=None,
                         help="DEBUG, INFO, WARNING or ERROR (default: INFO; for classify WARNING)")
+    parser.add_argument("--log-format", choices=FORMATS, default=os.environ.get(FORMAT_ENV) or "text",
+                        help="text, or json: one object per line with ts, level, logger, pid, msg (and exc) "
+                        f"(default: ${FORMAT_ENV}, else text)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the whole stack: inference service + gateway (no Redis needed)",
@@ -357,8 +361,8 @@ def main(argv: list[str] | None = None) -> None:
     if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.log_level = (args.log_level or ("WARNING" if args.command == "classify" else "INFO")).upper()
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ[FORMAT_ENV] = args.log_format  # the processes this one starts log alike
+    configure_logging(args.log_level, args.log_format)
     try:
         if args.command == "serve":
             asyncio.run(run_serve(args))

@@ -32,6 +32,7 @@ from typing import Callable
 from gateway.children import Child, keep_restarting
 from gateway.lifecycle import DrainConfig, StopSignals, drain_and_stop, exit_with_parent
 from gateway.server import GatewayConfig, GatewayServer
+from protos.logs import configure_logging
 
 __all__ = ["default_workers", "run_gateway_workers"]
 
@@ -111,8 +112,7 @@ async def _worker_main(config: GatewayConfig, drain: DrainConfig) -> None:
 
 def main() -> None:
     config, drain, log_level = pickle.loads(sys.stdin.buffer.read())  # from worker 0, see _worker
-    logging.basicConfig(level=log_level, stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s worker-{os.getpid()} %(name)s: %(message)s")
+    configure_logging(log_level, tag=f"worker-{os.getpid()}")  # the format: $TIERGATE_LOG_FORMAT, set by the CLI
     try:
         asyncio.run(_worker_main(config, drain))
     except KeyboardInterrupt:

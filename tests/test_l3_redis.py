@@ -276,7 +276,9 @@ def test_frozen_redis_costs_one_timeout_per_call_until_the_breaker_opens(redis_s
     asyncio.run(main())
 
 
-def test_restarted_redis_works_again_after_the_cooldown(redis_server):
+def test_restarted_redis_works_again_after_the_cooldown(redis_server, caplog):
+    caplog.set_level("WARNING", logger="cache.l3_redis")
+
     async def main():
         tier = RedisTier(RedisConfig(redis_server.url, timeout_s=0.2, breaker_threshold=2, breaker_cooldown_s=0.2))
         try:
@@ -298,6 +300,13 @@ def test_restarted_redis_works_again_after_the_cooldown(redis_server):
             await tier.close()
 
     asyncio.run(main())
+    # The outage is told when it starts and when it ends, once each, whatever the number of failed calls.
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 4, lines
+    assert lines[0].startswith("L3 Redis: calls errors started: ")
+    assert lines[1].startswith("L3 Redis: breaker open after 2 failed calls in a row")
+    assert lines[2] == "L3 Redis: breaker closed: a probe succeeded, L3 is used again"
+    assert lines[3].startswith("L3 Redis: calls works again after ") and "errors)" in lines[3]
 
 
 def test_close_with_lookups_out_and_waiting_leaves_nobody_hanging(redis_server):
