@@ -13,7 +13,7 @@ __all__ = ["main", "build_parser"]
 
 from gateway.lifecycle import DrainConfig, StopSignals, drain_and_stop, exit_with_parent
 from protos.logs import FORMAT_ENV, FORMATS, configure_logging
-from inference.model import MAX_AUTO_LANES  # light: torch loads only when a model does
+from inference.model import MAX_AUTO_LANES, RUNTIMES  # light: torch loads only when a model does
 
 log = logging.getLogger("tiergate")
 
@@ -118,12 +118,19 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", metavar="PATH_OR_ID", help="checkpoint directory or hub id (default: the built-in "
                    "sentiment model, built on first use)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    g.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                   help="what runs the model: onnxruntime (an ONNX graph exported once per checkpoint and checked "
+                   "against the model; no torch in the serving process; measured 2x torch's speed on a CPU) or "
+                   "torch (default: auto = onnxruntime for a float32 model on a CPU, falling back to torch if the "
+                   "export fails; torch for int8, --torchscript on and CUDA)")
     g.add_argument("--quantize", choices=("auto", "on", "off"), default="auto",
-                   help="int8 dynamic quantization of Linear layers, CPU only, scored one text per pass so that "
-                   "answers never depend on the batch (default: auto = on where the model's build measured at most "
-                   "1 point of held-out accuracy lost as served; the built-in model loses more, so it runs float32)")
+                   help="int8 dynamic quantization of Linear layers (the torch runtime; on picks it), CPU only, "
+                   "scored one text per pass so that answers never depend on the batch (default: auto = with "
+                   "--runtime torch, on where the model's build measured at most 1 point of held-out accuracy lost "
+                   "as served; the built-in model loses more, so it runs float32)")
     g.add_argument("--torchscript", choices=("auto", "on", "off"), default="auto",
-                   help="serve a frozen TorchScript graph of the model, checked against the model at load (default: "
+                   help="(the torch runtime; on picks it) serve a frozen TorchScript graph of the model, checked "
+                   "against the model at load (default: "
                    "auto = on a CPU, falling back to the model itself if the check fails; on: fail instead)")
     g.add_argument("--lanes", type=_positive_int, default=None,
                    help="model calls that run at once, each in a thread of its own (default: on a CPU one per core, "
@@ -152,7 +159,7 @@ _AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
 
 def _model_args(args) -> list[str]:
     """The model flags of `serve`/`classify`, passed on to the inference child."""
-    out = ["--device", args.device, "--max-batch-tokens", str(args.max_batch_tokens), "--max-wait-ms", str(args.max_wait_ms),
+    out = ["--device", args.device, "--runtime", args.runtime, "--max-batch-tokens", str(args.max_batch_tokens), "--max-wait-ms", str(args.max_wait_ms),
            "--max-queue", str(args.max_queue), "--max-queue-wait-ms", str(args.max_queue_wait_ms)]
     if args.model:
         out += ["--model", args.model]
@@ -304,7 +311,8 @@ async def run_inference(args) -> None:
             if await build.wait() != 0:
                 raise RuntimeError("building the default model failed (see above)")
     config = InferenceConfig(
-        model=ModelConfig(source=model, device=args.device, lanes=args.lanes, threads=args.threads, nice=args.model_nice,
+        model=ModelConfig(source=model, device=args.device, runtime=args.runtime, lanes=args.lanes,
+                          threads=args.threads, nice=args.model_nice,
                           quantize=_AUTO_ON_OFF[args.quantize], torchscript=_AUTO_ON_OFF[args.torchscript]),
         batcher=BatcherConfig(max_batch=args.max_batch_texts, max_tokens=args.max_batch_tokens,
                               max_wait_s=args.max_wait_ms / 1000, max_queue=args.max_queue,

@@ -19,10 +19,12 @@ import threading
 import warnings
 from dataclasses import dataclass
 
-__all__ = ["ModelConfig", "ModelInfo", "SequenceClassifier", "release_freed_memory", "quantize_int8", "int8_is_safe",
+__all__ = ["ModelConfig", "ModelInfo", "SequenceClassifier", "RUNTIMES", "release_freed_memory", "quantize_int8", "int8_is_safe",
            "BATCH_INVARIANCE_TOLERANCE", "INT8_MEASURED_AS"]
 
 log = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "torch", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,10 @@ class ModelConfig:
     # Freed activation buffers stay in glibc's heap; past this much growth over
     # the RSS after loading they are handed back (see SequenceClassifier.forward).
     memory_headroom_mb: int = 128
+    # auto: onnxruntime for a float32 model on a CPU (inference/onnx_model.py
+    # says why), else torch; torch or onnxruntime: that one (onnxruntime
+    # fails when it cannot serve the model instead of falling back).
+    runtime: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -59,6 +65,8 @@ class ModelConfig:
             raise ValueError(f"model nice must be in 0..19, got {self.nice}")
         if not 8 <= self.max_length <= 8192:
             raise ValueError(f"model max_length must be in 8..8192, got {self.max_length}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"model runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"model device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -25,14 +25,14 @@ import pathlib
 from cache.upstream import ModelRef
 from inference.paths import cache_root
 
-__all__ = ["ModelRecords"]
+__all__ = ["ModelRecords", "checkpoint_signature"]
 
 log = logging.getLogger(__name__)
 
 _VERSION = 1
 
 
-def _signature(directory: pathlib.Path) -> list[list]:
+def checkpoint_signature(directory: pathlib.Path) -> list[list]:
     """Every file of a checkpoint directory (recursively) with its size and mtime."""
     files = []
     for path in sorted(directory.rglob("*")):
@@ -62,7 +62,7 @@ class ModelRecords:
             return None  # a hub id: nothing to check a record against
         try:
             record = json.loads(self._path(checkpoint, flags).read_text(encoding="utf-8"))
-            if record.get("version") != _VERSION or record.get("files") != _signature(checkpoint):
+            if record.get("version") != _VERSION or record.get("files") != checkpoint_signature(checkpoint):
                 return None
             m = record["model"]
             return ModelRef(m["model_id"], tuple(m["labels"]), m["fingerprint"], m["device"], m["dtype"])
@@ -73,7 +73,7 @@ class ModelRecords:
         """Remember what loading `checkpoint` with `flags` produced (best effort)."""
         if not checkpoint.is_dir():
             return
-        record = {"version": _VERSION, "files": _signature(checkpoint),
+        record = {"version": _VERSION, "files": checkpoint_signature(checkpoint),
                   "model": {"model_id": model.model_id, "labels": list(model.labels),
                             "fingerprint": model.fingerprint, "device": model.device, "dtype": model.dtype}}
         path = self._path(checkpoint, flags)

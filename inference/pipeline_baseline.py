@@ -10,7 +10,7 @@ texts_per_s, rss_mb (this process's VmRSS at the end) and peak_rss_mb
 (VmHWM). `tiergate bench --compare` runs it on the texts of its miss scenario.
 
 --bare-forward N is the floor a single miss is measured against: the model
-loaded with the project's own loader (inference.model.SequenceClassifier, int8
+loaded with the project's own loader (inference.runtime.load_classifier, int8
 with --quantize, as the server loads it), then --warmup texts and N texts
 scored one at a time (tokenize + forward of one text, nothing else), timed
 each; prints one JSON line with p50/p90/p99 ms of one pass. `tiergate bench`
@@ -62,11 +62,12 @@ def run_pipeline(model: str, texts: list[str], batch_size: int) -> dict:
 
 
 def run_bare_forward(model: str, texts: list[str], warmup: int, *, quantize: bool, device: str) -> dict:
-    from inference.model import ModelConfig, SequenceClassifier  # loads torch when called
+    from inference.model import ModelConfig
+    from inference.runtime import load_classifier  # the runtime the stack picks for the same flags
 
     t0 = time.perf_counter()
-    classifier = SequenceClassifier(ModelConfig(source=model, quantize=quantize, device=device))
-    info = classifier.load()
+    classifier = load_classifier(ModelConfig(source=model, quantize=quantize or None, device=device))
+    info = classifier.info
     load_s = time.perf_counter() - t0
 
     def timed(text: str) -> float:
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="texts per pipeline call (default: %(default)s)")
     p.add_argument("--limit", type=int, help="score only the first N texts")
     p.add_argument("--bare-forward", type=int, metavar="N", help="instead: time N single texts (after --warmup "
-                   "more) through inference.model.SequenceClassifier, one forward pass each")
+                   "more) through inference.runtime.load_classifier (the runtime the stack picks), one forward pass each")
     p.add_argument("--warmup", type=int, default=5, help="with --bare-forward: untimed texts first, taken from "
                    "the start of the file (default: %(default)s)")
     p.add_argument("--quantize", action="store_true", help="with --bare-forward: int8 dynamic quantization, as "

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from inference.batcher import BatcherConfig, DynamicBatcher, QueueFull
 from inference.channel_options import SERVER_OPTIONS
 from inference.model import ModelConfig, SequenceClassifier
+from inference.runtime import load_classifier
 from protos import inference_pb2, inference_pb2_grpc
 from protos.health import HEALTH_SERVICE, HealthService
 from protos.reflection import enable_reflection
@@ -153,7 +154,7 @@ _READ_DONE = object()
 class InferenceServer:
     def __init__(self, config: InferenceConfig) -> None:
         self.config = config
-        self.model = SequenceClassifier(config.model)
+        self.model = None  # loaded by start(), with the runtime inference.runtime picks
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._batcher: DynamicBatcher | None = None
@@ -164,7 +165,7 @@ class InferenceServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         # Loading takes seconds: keep the loop free (and signals handled) meanwhile.
-        await loop.run_in_executor(None, self.model.load)
+        self.model = await loop.run_in_executor(None, load_classifier, self.config.model)
         info = self.model.info
         self._batcher = DynamicBatcher(self.model.forward, self.config.batcher.for_model(info),
                                        prepare_batch=self.model.tokenize, lanes=info.lanes)

@@ -22,20 +22,12 @@ from typing import Callable
 
 import torch
 
+from inference.probes import PROBE_TEXTS, PROBES
+
 __all__ = ["trace_logits", "TracedLogits", "PROBE_TEXTS"]
 
 # Tracing example: two texts of different lengths, so the padding path is what gets recorded.
 _EXAMPLE = ["a short text", "a somewhat longer text, so that the batch holds some padding for the mask"]
-_PROBES = [
-    ["ok"],
-    ["one text alone, a little longer than the shortest"],
-    ["three texts", "of quite different lengths, the second one being the longest of all three here", "x"],
-    ["a long text that the tokenizer truncates at max_length: " + "word " * 400, "and a short one"],
-    [f"text number {i} of a larger batch" for i in range(9)],
-]
-# Texts of 1 to 256 tokens: model.py scores them alone and in one padded batch
-# to check that a model's answers do not depend on the batch.
-PROBE_TEXTS = [text for probe in _PROBES for text in probe]
 MAX_LOGIT_DIFF = 1e-3  # well above float rounding between two runs of the same kernels, far below a label flip
 
 
@@ -86,8 +78,8 @@ def trace_logits(model, tokenize: Callable[[list[str]], dict], device: str,
     except Exception as exc:  # any model tracing cannot handle: serve it eagerly
         return None, f"tracing failed ({exc.__class__.__name__}: {str(exc)[:200]})"
     traced = TracedLogits(graph, input_names)
-    step = max_texts_per_pass or max(map(len, _PROBES))
-    passes = [probe[i : i + step] for probe in _PROBES for i in range(0, len(probe), step)]
+    step = max_texts_per_pass or max(map(len, PROBES))
+    passes = [probe[i : i + step] for probe in PROBES for i in range(0, len(probe), step)]
     with torch.inference_mode():
         for probe in passes:
             inputs = encode(probe)

@@ -127,7 +127,7 @@ def miss_lines(results: list[ScenarioResult]) -> list[str]:
     idle = r.get("miss-idle")
     bare = idle.extras.get("bare_forward") if idle else None
     if bare:
-        out.append(f"bare forward (miss-idle's baseline: inference.model.SequenceClassifier, one text per pass, "
+        out.append(f"bare forward (miss-idle's baseline: the served runtime (inference.runtime), one text per pass, "
                    f"{bare['texts']} texts, {bare['dtype']} on {bare['device']}, {bare['torch_threads']} torch "
                    f"threads): p50 {_num(bare['p50_ms'])} ms, p90 {_num(bare['p90_ms'])} ms, "
                    f"min {_num(bare['min_ms'])} ms")

@@ -199,6 +199,7 @@ def embedded_stack_factory(args, model_args: list[str], config, log_level: str):
     from gateway.classify.embedded import EmbeddedStack
 
     return lambda: EmbeddedStack(config, model_args, model=args.model,
-                                 answer_flags={"device": args.device, "quantize": args.quantize},
+                                 answer_flags={"device": args.device, "quantize": args.quantize,
+                                               "runtime": args.runtime},
                                  log_level=log_level)
 
