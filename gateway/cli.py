@@ -136,7 +136,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="model calls that run at once, each in a thread of its own (default: on a CPU one per core, "
                    f"at most {MAX_AUTO_LANES}; on CUDA 1)")
     g.add_argument("--threads", type=_positive_int, default=None,
-                   help="torch threads per lane (default: the cores divided among the lanes)")
+                   help="threads per lane (default: the cores divided among the lanes)")
     g.add_argument("--model-nice", type=int, default=10, choices=range(0, 20), metavar="0..19",
                    help="how much nicer than the rest of the inference process the model's threads run, so that "
                    "answering calls never waits behind a forward pass; 0: same priority (default: %(default)s)")

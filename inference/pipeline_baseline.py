@@ -90,13 +90,11 @@ def run_bare_forward(model: str, texts: list[str], warmup: int, *, quantize: boo
     def ms(p: float) -> float:
         return round(times[int(p * (len(times) - 1))] * 1000, 3)
 
-    import torch
-
     return {
         "mode": "bare-forward", "texts": len(times), "warmup": warmup, "p50_ms": ms(0.5), "p90_ms": ms(0.9),
         "p99_ms": ms(0.99), "min_ms": ms(0.0), "max_ms": ms(1.0),
         "mean_ms": round(sum(times) / len(times) * 1000, 3), "dtype": info.dtype, "device": info.device,
-        "torch_threads": torch.get_num_threads(), "in": "worker thread", "load_seconds": round(load_s, 3), "rss_mb": _status_mb("VmRSS"),
+        "runtime": info.graph, "threads": info.threads, "in": "worker thread", "load_seconds": round(load_s, 3), "rss_mb": _status_mb("VmRSS"),
         "model": model, "model_id": info.model_id, "pid": os.getpid(),
     }
 

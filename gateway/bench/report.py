@@ -128,9 +128,9 @@ def miss_lines(results: list[ScenarioResult]) -> list[str]:
     bare = idle.extras.get("bare_forward") if idle else None
     if bare:
         out.append(f"bare forward (miss-idle's baseline: the served runtime (inference.runtime), one text per pass, "
-                   f"{bare['texts']} texts, {bare['dtype']} on {bare['device']}, {bare['torch_threads']} torch "
-                   f"threads): p50 {_num(bare['p50_ms'])} ms, p90 {_num(bare['p90_ms'])} ms, "
-                   f"min {_num(bare['min_ms'])} ms")
+                   f"{bare['texts']} texts, {bare['dtype']} on {bare['device']}, {bare.get('runtime', '?')}, "
+                   f"{bare.get('threads', '?')} thread(s) per pass): p50 {_num(bare['p50_ms'])} ms, "
+                   f"p90 {_num(bare['p90_ms'])} ms, min {_num(bare['min_ms'])} ms")
     over = r.get("overload")
     if over is not None and over.load is not None:
         ld, ex = over.load, over.extras
