@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inference", help="run the inference service alone")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=50052, help="port, 0 for any free port (default: %(default)s)")
+    p.add_argument("--uds", metavar="PATH", help="listen on this Unix socket instead of --host/--port (only who "
+                   "may enter its directory can connect; serve uses one in a 0700 directory of its own)")
     p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     _add_drain_flags(p, "the service")
     _add_model_flags(p)
@@ -317,7 +319,7 @@ async def run_inference(args) -> None:
         batcher=BatcherConfig(max_batch=args.max_batch_texts, max_tokens=args.max_batch_tokens,
                               max_wait_s=args.max_wait_ms / 1000, max_queue=args.max_queue,
                               max_queue_wait_s=args.max_queue_wait_ms / 1000),
-        host=args.host, port=args.port,
+        host=args.host, port=args.port, uds=args.uds,
     )
     server = InferenceServer(config)
     watcher = asyncio.ensure_future(exit_with_parent(os.getppid())) if args.exit_with_parent else None

@@ -55,6 +55,8 @@ class GatewayConfig:
             raise ValueError(f"filter_capacity must be >= 1000, got {self.filter_capacity}")
         # No targets: the GatewayServer is handed its Upstream instead.
         for target in self.inference_targets:
+            if target.startswith("unix:") and len(target) > len("unix:"):
+                continue  # a Unix socket (serve's own inference child)
             host, _, port = target.rpartition(":")
             if not host or not port.isdigit():
                 raise ValueError(f"inference address must be host:port, got {target!r}")

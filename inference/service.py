@@ -8,6 +8,7 @@ matched by id.
 from __future__ import annotations
 
 import asyncio
+import os
 import gc
 import logging
 from dataclasses import dataclass
@@ -39,10 +40,15 @@ class InferenceConfig:
     batcher: BatcherConfig = BatcherConfig()
     host: str = "127.0.0.1"
     port: int = 50052  # 0: any free port
+    # A Unix socket to listen on instead of host:port: only who may enter its
+    # directory can connect (`serve` puts it in a 0700 one of its own).
+    uds: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"inference port must be in 0..65535, got {self.port}")
+        if self.uds is not None and not self.uds:
+            raise ValueError("inference uds path is empty")
 
 
 def _error_result(item_id: int, exc: BaseException) -> inference_pb2.ScoreResult:
@@ -176,7 +182,14 @@ class InferenceServer:
         health = HealthService()
         server.add_generic_rpc_handlers([health.generic_handler()])
         enable_reflection([SERVICE_NAME, reflection.SERVICE_NAME, HEALTH_SERVICE], server)
-        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.config.uds:
+            if os.path.exists(self.config.uds):
+                os.unlink(self.config.uds)  # left by a run that was killed; binding would fail
+            if server.add_insecure_port(f"unix:{self.config.uds}") == 0:
+                raise OSError(f"cannot listen on the Unix socket {self.config.uds}")
+            self.port = 0
+        else:
+            self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         await server.start()
         for name in ("", SERVICE_NAME):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -189,7 +202,7 @@ class InferenceServer:
 
     @property
     def address(self) -> str:
-        return f"{self.config.host}:{self.port}"
+        return f"unix:{self.config.uds}" if self.config.uds else f"{self.config.host}:{self.port}"
 
     async def drain(self) -> None:
         """Health NOT_SERVING for every name at once (and for good); texts are still scored."""

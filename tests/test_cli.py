@@ -33,10 +33,37 @@ def test_serve_runs_the_stack_and_sigterm_stops_every_process(procs, connect, tm
     assert client.classify("served by tiergate serve").tier == classifier_pb2.TIER_L1
     kids = children_of(serve.proc.pid)
     assert kids, "serve should run the inference service as a child process"
+    inference = [k for k in kids if b"inference" in pathlib.Path(f"/proc/{k}/cmdline").read_bytes()]
+    assert len(inference) == 1
+    # It listens on a Unix socket in a 0700 directory of its own, and on no TCP port.
+    argv = pathlib.Path(f"/proc/{inference[0]}/cmdline").read_bytes().split(b"\0")
+    socket_dir = pathlib.Path(argv[argv.index(b"--uds") + 1].decode()).parent
+    assert socket_dir.stat().st_mode & 0o777 == 0o700
+    assert listening_tcp_ports(inference[0]) == []
 
     assert serve.stop() == 0
     for kid in kids:
         eventually(lambda: not alive(kid), timeout_s=15)
+    assert not socket_dir.exists()
+
+
+def listening_tcp_ports(pid: int) -> list[int]:
+    """The TCP ports a process listens on (its socket fds matched against /proc/net/tcp*)."""
+    inodes = set()
+    for fd in pathlib.Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    ports = []
+    for table in ("tcp", "tcp6"):
+        for line in pathlib.Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.append(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def test_reflection_lists_the_public_service(procs, tmp_path, tiny_model):

@@ -82,7 +82,7 @@ def _cmdline(pid: int) -> str:
 
 def role_of(cmdline: str) -> str:
     """A short name for what a process is, from its command line."""
-    rules = (("gateway serve", "serve (gateway)"), ("gateway inference", "inference"),
+    rules = (("gateway serve", "serve (gateway)"), ("gateway inference", "inference"), (" inference --uds", "inference"),
              ("gateway gateway", "gateway"), ("gateway.workers", "gateway worker"),
              ("resource_tracker", "mp resource tracker"), ("forkserver", "mp forkserver"),
              ("gateway.bench.trivial_server", "trivial grpc.aio"), ("inference.pipeline_baseline", "pipeline"))
