@@ -228,6 +228,17 @@ def _eager_logits(model):
     return lambda inputs: model(**inputs).logits
 
 
+def texts_per_pass(worst: float) -> int | None:
+    """What a runtime's load check concludes from the largest difference between
+    the probe texts scored alone and batched: None (any number of texts per
+    pass) within BATCH_INVARIANCE_TOLERANCE, else 1, with a warning."""
+    if worst <= BATCH_INVARIANCE_TOLERANCE:
+        return None
+    log.warning("this model's scores depend on the batch (by up to %.3g on the load check): scoring one text "
+                "per pass", worst)
+    return 1
+
+
 class SequenceClassifier:
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
@@ -332,16 +343,11 @@ class SequenceClassifier:
         kernel whose answers depend on the batch, before any is cached."""
         import torch
 
-        from inference.torchscript import PROBE_TEXTS
+        from inference.probes import PROBE_TEXTS
 
         together = self._probabilities(self.tokenize(PROBE_TEXTS))
         alone = torch.cat([self._probabilities(self.tokenize([text])) for text in PROBE_TEXTS])
-        worst = (together - alone).abs().max().item()
-        if worst <= BATCH_INVARIANCE_TOLERANCE:
-            return None
-        log.warning("this model's scores depend on the batch (by up to %.3g on the load check): scoring one text "
-                    "per pass", worst)
-        return 1
+        return texts_per_pass((together - alone).abs().max().item())
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Token counts (capped at max_length), for grouping texts of similar length."""

@@ -22,8 +22,7 @@ import subprocess
 import sys
 import threading
 
-from inference.model import (BATCH_INVARIANCE_TOLERANCE, ModelConfig, ModelInfo, _lower_thread_priority,
-                             plan_lanes)
+from inference.model import ModelConfig, ModelInfo, _lower_thread_priority, plan_lanes, texts_per_pass
 from inference.model_record import checkpoint_signature
 from inference.onnx_export import GRAPH, MANIFEST, VERSION
 from inference.paths import cache_root
@@ -144,12 +143,7 @@ class OnnxClassifier:
         # all at once: onnxruntime's arena keeps the largest pass's memory.
         together = np.concatenate([self._probabilities(self.tokenize(group)) for group in PROBES])
         alone = np.concatenate([self._probabilities(self.tokenize([text])) for text in PROBE_TEXTS])
-        worst = float(np.abs(together - alone).max())
-        if worst <= BATCH_INVARIANCE_TOLERANCE:
-            return None
-        log.warning("this model's scores depend on the batch (by up to %.3g on the load check): scoring one text "
-                    "per pass", worst)
-        return 1
+        return texts_per_pass(float(np.abs(together - alone).max()))
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         return [len(e.ids) for e in self._tokenizer.encode_batch(texts)]
