@@ -349,11 +349,6 @@ class SequenceClassifier:
         alone = torch.cat([self._probabilities(self.tokenize([text])) for text in PROBE_TEXTS])
         return texts_per_pass((together - alone).abs().max().item())
 
-    def count_tokens(self, texts: list[str]) -> list[int]:
-        """Token counts (capped at max_length), for grouping texts of similar length."""
-        enc = self._tokenizer(texts, add_special_tokens=True, truncation=True, max_length=self.config.max_length)
-        return [len(ids) for ids in enc["input_ids"]]
-
     def tokenize(self, texts: list[str]):
         return self._tokenizer(
             texts, padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt"

@@ -9,7 +9,7 @@ and 0.13 s to load against 2.4 s. So `--runtime auto` serves float32 models
 on a CPU with it; torch stays for int8, TorchScript on request, and CUDA.
 
 The same interface as inference.model.SequenceClassifier: load(), info,
-count_tokens(), tokenize(), forward(), score().
+tokenize(), forward(), score().
 """
 
 from __future__ import annotations
@@ -144,9 +144,6 @@ class OnnxClassifier:
         together = np.concatenate([self._probabilities(self.tokenize(group)) for group in PROBES])
         alone = np.concatenate([self._probabilities(self.tokenize([text])) for text in PROBE_TEXTS])
         return texts_per_pass(float(np.abs(together - alone).max()))
-
-    def count_tokens(self, texts: list[str]) -> list[int]:
-        return [len(e.ids) for e in self._tokenizer.encode_batch(texts)]
 
     def tokenize(self, texts: list[str]) -> dict:
         """Padded int64 arrays, one per graph input (input_ids, attention_mask, token_type_ids)."""

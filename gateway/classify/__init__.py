@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import grpc
 
-from gateway.classify.flow import Backoff
 from gateway.classify.job import ClassifyJob, JobOptions, JobStopped, Tally
 from gateway.classify.output import OutputFile
 from gateway.classify.rows import RowSource, format_of, guess_format
@@ -186,8 +185,7 @@ async def run_classify(request: ClassifyRequest, start_stack=None) -> int:
 
 
 def request_from_args(args) -> ClassifyRequest:
-    options = JobOptions(batch_size=args.batch_size, max_retry_s=args.max_retry_s, call_timeout_s=args.call_timeout_s,
-                         backoff=Backoff())
+    options = JobOptions(batch_size=args.batch_size, max_retry_s=args.max_retry_s, call_timeout_s=args.call_timeout_s)
     progress = not args.no_progress and sys.stderr.isatty()
     return ClassifyRequest(input=args.input, column=args.column, output=args.output, input_format=args.input_format,
                            format=args.format, target=args.target, resume=args.resume, progress=progress,
