@@ -95,7 +95,7 @@ class _Lead:
 
 
 _COUNTERS = (
-    "hits_l1", "hits_l2", "hits_l3", "misses", "model_calls", "model_texts", "model_errors",
+    "hits_l1", "misses_l1", "hits_l2", "hits_l3", "misses", "model_calls", "model_texts", "model_errors",
     "model_other_fingerprint", "singleflight_joined", "duplicates", "filter_skips_l2", "filter_refreshed",
     "writes_l2", "writes_l3", "writes_dropped", "tier_errors", "abandoned", "bad_values_l2", "bad_values_l3",
     "expired_l2", "expired_l3", "refused_pending", "deadline_retries",
@@ -229,6 +229,7 @@ class TieredCache:
                 answers[i] = Answer(entry.label, entry.score, Source.L1, model)
                 self.counters["hits_l1"] += 1
                 continue
+            self.counters["misses_l1"] += 1
             flight = flights.get(key)
             if flight is not None and flight.model == model:
                 joined.append(flight)

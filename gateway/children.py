@@ -116,6 +116,11 @@ class Child:
         return self.proc is not None and not self._exited.is_set()
 
     @property
+    def ready_now(self) -> bool:
+        """This run printed its ready line and has not exited."""
+        return self.running and self._ready.is_set()
+
+    @property
     def returncode(self) -> int | None:
         return self.proc.returncode if self._exited.is_set() else None
 
@@ -211,6 +216,11 @@ class Child:
     def _signal(self, sig: int) -> None:
         if not self._exited.is_set():  # its pid may belong to another process once reaped
             self.proc.send_signal(sig)
+
+    def send_signal(self, sig: int) -> None:
+        """Sends `sig` to this run, unless it has exited (e.g. SIGHUP: reload)."""
+        if self.proc is not None:
+            self._signal(sig)
 
     def terminate(self) -> None:
         """SIGTERM (once per run), without waiting: a tiergate server starts its drain."""

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from cache import Keyer, ModelRef, TieredCache, normalize_text
+from cache.entry import Source
 from cache.tiered import Answer
 from cache.upstream import Upstream
 from protos.errors import InvalidInput, Unavailable
@@ -47,6 +48,7 @@ class Classifier:
         self.upstream = upstream
         self.limits = limits
         self.fast_hits = 0  # L1 hits answered by hit(); the cache counts the others
+        self.answers = [0] * (max(Source) + 1)  # texts answered by classify(), by Source (hit()'s: fast_hits)
         self._generation = -1
         self._model: ModelRef | None = None
         self._keyer: Keyer | None = None
@@ -105,6 +107,14 @@ class Classifier:
         normalized = normalize_text(text)
         if not normalized:
             raise InvalidInput(f"{where} is empty or only whitespace; send the text to classify")
+        # NFC can lengthen a text (up to 3x in UTF-8). The inference service
+        # checks the same limit on what it is sent, the normalized text, so
+        # check that too rather than have the model refuse it later.
+        if size * 3 > self.limits.max_text_bytes:
+            size = len(normalized.encode("utf-8", "surrogatepass"))
+            if size > self.limits.max_text_bytes:
+                raise InvalidInput(f"{where} is {size} bytes of UTF-8 once normalized (NFC); the limit is "
+                                   f"{self.limits.max_text_bytes} (gateway --max-text-bytes)")
         return normalized
 
     def check_batch_size(self, count: int) -> None:
@@ -126,5 +136,15 @@ class Classifier:
             raise Unavailable("the gateway has not reached the inference service yet; retry with backoff")
         keyer = self._keyer
         keys = [keyer.key(t) for t in normalized_texts]
-        return await self.cache.resolve(keys, normalized_texts, model, deadline)
+        answers = await self.cache.resolve(keys, normalized_texts, model, deadline)
+        counts = self.answers
+        for answer in answers:
+            counts[answer.source] += 1
+        return answers
+
+    def answers_by_source(self) -> list[int]:
+        """Texts answered so far, indexed by Source, fast L1 hits included."""
+        counts = list(self.answers)
+        counts[Source.L1] += self.fast_hits
+        return counts
 

@@ -11,7 +11,8 @@ import sys
 
 __all__ = ["main", "build_parser"]
 
-from gateway.lifecycle import DrainConfig, StopSignals, drain_and_stop, exit_with_parent
+from gateway import cli_security
+from gateway.lifecycle import DrainConfig, StopSignals, drain_and_stop, exit_with_parent, reload_on_sighup
 from protos.logs import FORMAT_ENV, FORMATS, configure_logging
 from inference.model import MAX_AUTO_LANES, RUNTIMES  # light: torch loads only when a model does
 
@@ -76,6 +77,19 @@ def _add_gateway_flags(p: argparse.ArgumentParser, *, port_default: int = 50051)
     g.add_argument("--max-pending-misses", type=_positive_int, default=4096,
                    help="texts one gateway process has waiting for the model; more: RESOURCE_EXHAUSTED at once "
                    "(default: %(default)s)")
+
+
+def _add_metrics_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--metrics-port", type=int, default=9464, metavar="PORT",
+                   help=f"serve Prometheus metrics of {what} at http://HOST:PORT/metrics on the --host address; "
+                   "0: no metrics (default: %(default)s)")
+
+
+def _metrics_port(args) -> int | None:
+    port = getattr(args, "metrics_port", 0)
+    if not 0 <= port <= 65535:
+        raise SystemExit(f"tiergate: error: --metrics-port must be in 0..65535, got {port}")
+    return port or None
 
 
 def _nonnegative_seconds(text: str) -> float:
@@ -160,7 +174,8 @@ _AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
 def _model_args(args) -> list[str]:
     """The model flags of `serve`/`classify`, passed on to the inference child."""
     out = ["--device", args.device, "--runtime", args.runtime, "--max-batch-tokens", str(args.max_batch_tokens), "--max-wait-ms", str(args.max_wait_ms),
-           "--max-queue", str(args.max_queue), "--max-queue-wait-ms", str(args.max_queue_wait_ms)]
+           "--max-queue", str(args.max_queue), "--max-queue-wait-ms", str(args.max_queue_wait_ms),
+           "--max-text-bytes", str(args.max_text_bytes)]  # the child's limit is the gateway's: the two agree
     if args.model:
         out += ["--model", args.model]
     out += ["--quantize", args.quantize, "--torchscript", args.torchscript]
@@ -189,17 +204,23 @@ def build_parser() -> argparse.ArgumentParser:
                        "with the address when ready; SIGINT/SIGTERM drain the gateway, then stop every process it "
                        "started.")
     _add_gateway_flags(p)
+    _add_metrics_flag(p, "the gateway (every worker, summed) and its inference child")
     _add_workers_flag(p)
     _add_drain_flags(p, "the gateway")
+    cli_security.add_server_flags(p, "the gateway's port")
     _add_model_flags(p)
 
     p = sub.add_parser("gateway", help="run the gateway alone, against running inference service(s)")
     _add_gateway_flags(p)
+    _add_metrics_flag(p, "the gateway (every worker, summed)")
     _add_workers_flag(p)
     _add_drain_flags(p, "the gateway")
     p.add_argument("--inference", default="127.0.0.1:50052", metavar="HOST:PORT[,HOST:PORT...]",
                    help="the inference service, or several replicas separated by commas: misses go to the least "
                    "loaded one that is up (default: %(default)s)")
+    cli_security.add_server_flags(p, "the gateway's port")
+    cli_security.add_client_flags(p, prefix="inference-", token_flag="inference-token-file",
+                                  token_env=cli_security.INFERENCE_TOKEN_ENV, what="the inference service(s)")
 
     p = sub.add_parser("inference", help="run the inference service alone")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
@@ -207,7 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uds", metavar="PATH", help="listen on this Unix socket instead of --host/--port (only who "
                    "may enter its directory can connect; serve uses one in a 0700 directory of its own)")
     p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    _add_metrics_flag(p, "the service")
     _add_drain_flags(p, "the service")
+    cli_security.add_server_flags(p, "TCP only")
+    g = p.add_argument_group("limits (its own, so that nobody bypasses the gateway's by calling it directly)")
+    g.add_argument("--max-text-bytes", type=_positive_int, default=8192,
+                   help="longest text in UTF-8 bytes; longer: that text gets INVALID_ARGUMENT; keep the gateway's "
+                   "--max-text-bytes at most this (serve passes its own on) (default: %(default)s)")
+    g.add_argument("--max-message-texts", type=_positive_int, default=1024, metavar="N",
+                   help="texts one Score message may carry, at least 256 (what a gateway sends at most); more: "
+                   "each of its texts gets INVALID_ARGUMENT (default: %(default)s)")
     _add_model_flags(p)
 
     p = sub.add_parser("classify", help="score one column of every row of a CSV or JSON Lines file",
@@ -239,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is not "
                    "a terminal)")
     _add_gateway_flags(p, port_default=0)
+    cli_security.add_client_flags(p, prefix="", token_flag="auth-token-file", token_env=cli_security.AUTH_TOKEN_ENV,
+                                  what="the --target gateway")
     _add_model_flags(p)
 
     p = sub.add_parser("model", help="model tools")
@@ -272,11 +304,16 @@ def gateway_config(args, inference_targets: list[str]):
         secret = load_cache_secret(args.cache_secret_file, os.environ.get("TIERGATE_CACHE_SECRET"))
     except ValueError as exc:
         raise SystemExit(f"tiergate: error: {exc}") from None
+    tls, auth_tokens = cli_security.server_security(args) if hasattr(args, "tls_cert") else (None, None)
+    inference_security = cli_security.client_security(
+        args, prefix="inference-", token_flag="inference-token-file", token_env=cli_security.INFERENCE_TOKEN_ENV,
+        environ=os.environ) if hasattr(args, "inference_tls_ca") else None
     return GatewayConfig(
-        cache_secret=secret,
+        cache_secret=secret, tls=tls, auth_tokens=auth_tokens,
+        **({"inference_security": inference_security} if inference_security else {}),
         inference_targets=tuple(inference_targets), host=args.host, port=args.port, l1_max_entries=args.l1_entries,
         filter_capacity=args.filter_capacity,
-        lmdb=lmdb, redis=redis, max_concurrent_rpcs=args.max_concurrent_rpcs,
+        lmdb=lmdb, redis=redis, max_concurrent_rpcs=args.max_concurrent_rpcs, metrics_port=_metrics_port(args),
         connections=ConnectionOptions(
             min_client_ping_s=args.min_client_ping_s, keepalive_s=args.keepalive_s,
             keepalive_timeout_s=args.keepalive_timeout_s, max_connection_age_s=args.max_connection_age_s,
@@ -285,6 +322,19 @@ def gateway_config(args, inference_targets: list[str]):
         limits=Limits(max_text_bytes=args.max_text_bytes, max_batch=args.max_batch,
                       max_pending_misses=args.max_pending_misses),
     )
+
+
+def _classify_security(args):
+    """TLS and token towards `classify --target`; the flags mean nothing for the stack of its own."""
+    from protos.security import ClientSecurity
+
+    names = dict(prefix="", token_flag="auth-token-file")
+    if not args.target:
+        given = cli_security.client_flags_given(args, **names)
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --target (the stack of its own is local and open)")
+        return ClientSecurity()
+    return cli_security.client_security(args, **names, token_env=cli_security.AUTH_TOKEN_ENV, environ=os.environ)
 
 
 def _tiers_summary(config) -> str:
@@ -296,9 +346,13 @@ def _tiers_summary(config) -> str:
 async def run_inference(args) -> None:
     from inference.batcher import BatcherConfig
     from inference.model import ModelConfig
+    from inference.limits import ScoreLimits
     from inference.service import InferenceConfig, InferenceServer
 
-
+    tls, auth_tokens = cli_security.server_security(args)  # before a model build: a bad file fails at once
+    if tls is not None and args.uds:
+        raise ValueError("TLS is for TCP: a Unix socket (--uds) is protected by its directory's permissions")
+    limits = ScoreLimits(max_text_bytes=args.max_text_bytes, max_message_texts=args.max_message_texts)
     model = args.model
     if not model:
         from inference.paths import default_model_dir
@@ -319,9 +373,12 @@ async def run_inference(args) -> None:
         batcher=BatcherConfig(max_batch=args.max_batch_texts, max_tokens=args.max_batch_tokens,
                               max_wait_s=args.max_wait_ms / 1000, max_queue=args.max_queue,
                               max_queue_wait_s=args.max_queue_wait_ms / 1000),
-        host=args.host, port=args.port, uds=args.uds,
+        host=args.host, port=args.port, uds=args.uds, metrics_port=_metrics_port(args),
+        limits=limits, tls=tls, auth_tokens=auth_tokens,
     )
     server = InferenceServer(config)
+    if server.reloadable:
+        reload_on_sighup(server.reload)
     watcher = asyncio.ensure_future(exit_with_parent(os.getppid())) if args.exit_with_parent else None
     try:
         await server.start()
@@ -338,10 +395,10 @@ async def run_inference(args) -> None:
         await server.stop(0)  # at once; nothing left to do after a drain
 
 
-async def run_gateway(args, inference_targets: list[str], label: str = "gateway") -> None:
+async def run_gateway(args, inference_targets: list[str], label: str = "gateway", config=None) -> None:
     from gateway.workers import default_workers, run_gateway_workers
 
-    config = gateway_config(args, inference_targets)
+    config = config or gateway_config(args, inference_targets)
     workers = args.workers or default_workers(model_on_host=label == "serve")
 
     def ready(server) -> None:
@@ -358,9 +415,10 @@ async def run_serve(args) -> None:
     # a miss in flight at SIGTERM still gets its answer), and then nothing
     # calls it any more: it needs no drain period of its own.
     child = InferenceProcess(_model_args(args), grace_s=args.grace_s)
-    await child.start()
     try:
-        await run_gateway(args, [child.address], label="serve")
+        config = gateway_config(args, [child.address])  # first: a bad flag or file fails before the model loads
+        await child.start()
+        await run_gateway(args, [child.address], label="serve", config=config)
     finally:
         await child.stop()
 
@@ -384,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
             from gateway.classify import embedded_stack_factory, request_from_args, run_classify
 
             stack = embedded_stack_factory(args, _model_args(args), gateway_config(args, []), args.log_level)
-            sys.exit(asyncio.run(run_classify(request_from_args(args), stack)))
+            sys.exit(asyncio.run(run_classify(request_from_args(args, _classify_security(args)), stack)))
         elif args.command == "model":
             from inference.build import build_default_model, default_model_dir
 

@@ -15,9 +15,9 @@ import math
 import os
 import signal
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
-__all__ = ["DrainConfig", "Drainable", "StopSignals", "drain_and_stop", "exit_with_parent"]
+__all__ = ["DrainConfig", "Drainable", "StopSignals", "drain_and_stop", "exit_with_parent", "reload_on_sighup"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,19 @@ class StopSignals:
             await asyncio.wait_for(self._hurry.wait(), seconds)
         except TimeoutError:
             pass
+
+
+def reload_on_sighup(reload: Callable[[], None]) -> None:
+    """SIGHUP calls reload() on the running loop: certificates and tokens are
+    read again (each file that fails to load is logged and the old one kept).
+    Installed only where there is something to reload, so that elsewhere
+    SIGHUP keeps its default meaning."""
+
+    def received() -> None:
+        log.info("SIGHUP: reading the TLS and token files again")
+        reload()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, received)
 
 
 async def drain_and_stop(server: Drainable, drain: DrainConfig, signals: StopSignals) -> None:

@@ -16,9 +16,12 @@ from cache.l2_lmdb import filter_capacity_for
 from gateway.classifier import Classifier, Limits
 from gateway.connections import ConnectionOptions
 from gateway.gate import ClosingGate
+from gateway.metrics import GATEWAY_FAMILIES, host_samples, process_samples
 from gateway.servicer import ADMIN_SERVICE, CLASSIFIER_SERVICE, ClassifierHandlers, render_l1
 from protos.health import HEALTH_SERVICE, HealthService
+from protos.metrics import MetricsEndpoint, SnapshotCollector, on_loop, serve_metrics
 from protos.reflection import enable_reflection
+from protos.security import ClientSecurity, ServerTls, TlsFiles, TokenAuth
 from gateway.stats_board import PUBLISH_INTERVAL_S, StatsBoard
 from cache.upstream import Upstream
 from inference.replicas import ReplicaSet
@@ -26,6 +29,8 @@ from inference.replicas import ReplicaSet
 __all__ = ["GatewayConfig", "GatewayServer"]
 
 log = logging.getLogger(__name__)
+
+_CHILD_STATS_TIMEOUT_S = 2.0  # a scrape waits this long for the inference child's numbers
 
 
 @dataclass(frozen=True)
@@ -44,13 +49,20 @@ class GatewayConfig:
     connections: ConnectionOptions = field(default_factory=ConnectionOptions)
     connect_timeout_s: float = 60.0         # how long start() waits for the inference service
     stats_dir: str | None = None            # shared by the workers of one gateway (gateway.stats_board)
+    metrics_port: int | None = None         # Prometheus /metrics on host:metrics_port (0: any free); None: off
+    count_calls: bool = False               # count and time every call for metrics another worker serves
     cache_secret: bytes | None = field(default=None, repr=False)  # authenticates L2/L3 values; never logged
+    tls: TlsFiles | None = None             # the public port's certificate (and client CA: mTLS); None: plaintext
+    auth_tokens: str | None = None          # file of bearer tokens every call but health/reflection needs; None: open
+    inference_security: ClientSecurity = ClientSecurity()  # TLS and token towards the inference service(s)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"gateway port must be in 0..65535, got {self.port}")
         if self.l1_max_entries < 1:
             raise ValueError(f"l1_max_entries must be >= 1, got {self.l1_max_entries}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics port must be in 0..65535, got {self.metrics_port}")
         if self.filter_capacity is not None and self.filter_capacity < 1000:
             raise ValueError(f"filter_capacity must be >= 1000, got {self.filter_capacity}")
         # No targets: the GatewayServer is handed its Upstream instead.
@@ -80,14 +92,31 @@ class GatewayServer:
         self._server: grpc.aio.Server | None = None
         self._health: HealthService | None = None
         self._gate = ClosingGate()  # first handler: closes when the drain ends
+        # The files are read here: a bad one is an error before anything starts.
+        self._tls = ServerTls(config.tls) if config.tls is not None else None
+        self._auth = TokenAuth(config.auth_tokens) if config.auth_tokens else None  # None: no handler, no cost
         self._stopped = False
         self.core: Classifier | None = None
         self._board = StatsBoard(config.stats_dir)
         self._publisher: asyncio.Task | None = None
+        self.metrics: MetricsEndpoint | None = None
 
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
+
+    @property
+    def reloadable(self) -> bool:
+        """Whether there is anything for reload() (SIGHUP) to read again."""
+        return self._tls is not None or self._auth is not None
+
+    def reload(self) -> None:
+        """Reads the TLS files and the tokens file again (SIGHUP). A file that
+        does not load is logged and the old certificate or tokens stay."""
+        if self._tls is not None:
+            self._tls.reload()
+        if self._auth is not None:
+            self._auth.reload()
 
     async def start(self, *, wait_for_inference: bool = True) -> None:
         cfg = self.config
@@ -96,7 +125,8 @@ class GatewayServer:
         key_filter = None
         if l2 is not None and cfg.l2_filter:
             key_filter = KeyFilter(cfg.filter_capacity or filter_capacity_for(cfg.lmdb))
-        self.inference = self._given_upstream or ReplicaSet(list(cfg.inference_targets))
+        self.inference = self._given_upstream or ReplicaSet(list(cfg.inference_targets),
+                                                            security=cfg.inference_security)
         options = CacheOptions(max_pending=cfg.limits.max_pending_misses, secret=cfg.cache_secret)
         self.cache = TieredCache(MemoryTier(cfg.l1_max_entries, render_l1), self.inference, l2, l3, key_filter,
                                  options)
@@ -105,7 +135,8 @@ class GatewayServer:
             log.info("L2 filter warmed with %d keys", warmed)
         self.inference.start()
         self.core = Classifier(self.cache, self.inference, cfg.limits)
-        self.handlers = ClassifierHandlers(self.core, self.stats)
+        self.handlers = ClassifierHandlers(self.core, self.stats,
+                                           call_metrics=cfg.count_calls or cfg.metrics_port is not None)
 
         limit = cfg.message_limit()
         server = grpc.aio.server(
@@ -119,9 +150,12 @@ class GatewayServer:
         )
         self._health = HealthService()
         server.add_generic_rpc_handlers(
-            [self._gate, *self.handlers.generic_handlers(), self._health.generic_handler()])
+            [self._gate, *([self._auth] if self._auth else []), *self.handlers.generic_handlers(),
+             self._health.generic_handler()])
         enable_reflection([CLASSIFIER_SERVICE, ADMIN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
-        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        address = f"{cfg.host}:{cfg.port}"
+        self.port = (server.add_secure_port(address, self._tls.credentials()) if self._tls is not None
+                     else server.add_insecure_port(address))
         if self.port == 0:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port} (in use?)")
         await server.start()
@@ -139,6 +173,9 @@ class GatewayServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if cfg.stats_dir:
             self._publisher = asyncio.get_running_loop().create_task(self._publish_counters())
+        if cfg.metrics_port is not None:
+            self.metrics = serve_metrics(cfg.host, cfg.metrics_port,
+                                         SnapshotCollector(GATEWAY_FAMILIES, on_loop(self.metric_samples)))
         # What exists now (modules, stubs, config) lives as long as the process:
         # keep it out of the collector's full passes, which otherwise stalled
         # every call for ~60 ms every few seconds under load.
@@ -157,6 +194,8 @@ class GatewayServer:
         counters.update({f"upstream_{k}": v for k, v in self.inference.counters.items()})
         counters["hits_l1"] = counters.get("hits_l1", 0) + self.core.fast_hits  # L1 hits answered from raw bytes
         counters["pending_misses"] = self.cache.pending
+        if self._auth is not None:
+            counters["errors_unauthenticated"] = self._auth.refused
         for tier in (self.cache.l2, self.cache.l3):
             if tier is not None:
                 counters.update({f"{tier.name}_{k}": v for k, v in tier.counters.items()})
@@ -164,12 +203,32 @@ class GatewayServer:
 
     def stats(self) -> tuple[dict[str, int], int]:
         """(counters summed over every worker of this gateway, number of workers)."""
-        return self._board.total(self.counters())
+        return self._board.total("counters", self.counters())
 
     async def _publish_counters(self) -> None:
         while True:
-            self._board.publish(self.counters())
+            sections = {"counters": self.counters()}
+            if self.handlers.calls:
+                sections["metrics"] = process_samples(self)
+            self._board.publish(sections)
             await asyncio.sleep(PUBLISH_INTERVAL_S)
+
+    async def metric_samples(self) -> dict[str, float]:
+        """Prometheus samples of this host's gateway: every worker's, summed, and the host's own."""
+        summed, _workers = self._board.total("metrics", process_samples(self))
+        return await host_samples(self, summed)
+
+    async def own_inference_samples(self) -> dict[str, float]:
+        """The samples of the inference service this gateway started (serve's child, on a Unix
+        socket); a standalone inference service serves its own (tiergate inference --metrics-port)."""
+        clients = [c for c in getattr(self.inference, "clients", ()) if c.target.startswith("unix:")]
+        out: dict[str, float] = {}
+        for client in clients:
+            try:
+                out.update(await client.metric_samples(timeout=_CHILD_STATS_TIMEOUT_S))
+            except grpc.aio.AioRpcError:
+                pass  # the child is restarting or gone: its numbers are missing from this scrape
+        return out
 
     async def drain(self) -> None:
         """Health NOT_SERVING for every name at once (and for good); calls are still served."""
@@ -186,6 +245,9 @@ class GatewayServer:
         if self._publisher is not None:
             self._publisher.cancel()
             self._board.withdraw()
+        if self.metrics is not None:
+            # Not on the loop: a scrape in progress waits for the loop to answer it.
+            await asyncio.get_running_loop().run_in_executor(None, self.metrics.close)
         if self._server is not None:
             self._gate.close()
             await self.drain()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from time import perf_counter
 from typing import Callable
 
 import grpc
@@ -22,6 +23,7 @@ from google.protobuf.message import DecodeError
 from cache import Entry, ModelRef
 from cache.tiered import Answer
 from gateway.classifier import Classifier
+from gateway.metrics import CallMetrics, code_of
 from protos.wire import field1_values
 from protos import classifier_pb2
 from protos.errors import InvalidInput, abort_with, status_for
@@ -32,6 +34,13 @@ log = logging.getLogger(__name__)
 
 CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
 ADMIN_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["GatewayAdmin"].full_name
+
+_METHODS = (
+    (CLASSIFIER_SERVICE, "Classify", "unary"),
+    (CLASSIFIER_SERVICE, "ClassifyBatch", "unary"),
+    (CLASSIFIER_SERVICE, "ClassifyStream", "bidi_stream"),
+    (ADMIN_SERVICE, "GetStats", "unary"),
+)
 
 _STREAM_WINDOW = 256  # requests of one stream in flight at once; more wait (flow control)
 
@@ -75,10 +84,16 @@ def _unary_text(data: bytes) -> bytes | None:
 
 class ClassifierHandlers:
     def __init__(self, core: Classifier,
-                 stats_source: Callable[[], tuple[dict[str, int], int]] | None = None) -> None:
+                 stats_source: Callable[[], tuple[dict[str, int], int]] | None = None, *,
+                 call_metrics: bool = False) -> None:
+        """call_metrics: time and count every call by method and status (gateway.metrics)."""
         self.core = core
         self.counters: Counter[str] = Counter()
         self._stats_source = stats_source
+        self.calls: dict[str, CallMetrics] = {}
+        if call_metrics:
+            for service, method, kind in _METHODS:
+                self.calls[method] = CallMetrics(kind, service, method)
 
     def _text_of(self, data: bytes, where: str = "text") -> str:
         raw = _unary_text(data)
@@ -208,12 +223,48 @@ class ClassifierHandlers:
             model_dtype=model.dtype if model else "", model_device=model.device if model else "",
         ).SerializeToString()
 
+    def _unary(self, method: str, handler):
+        call = self.calls.get(method)
+        if call is None:
+            return grpc.unary_unary_rpc_method_handler(handler)
+
+        async def timed(data: bytes, context) -> bytes:
+            started = perf_counter()
+            call.started += 1
+            try:
+                response = await handler(data, context)
+            except BaseException as exc:
+                call.done(started, code_of(exc, context))
+                raise
+            call.done(started)
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(timed)
+
+    def _stream(self, method: str, handler):
+        call = self.calls.get(method)
+        if call is None:
+            return grpc.stream_stream_rpc_method_handler(handler)
+
+        async def timed(request_iterator, context):
+            started = perf_counter()
+            call.started += 1
+            try:
+                async for response in handler(request_iterator, context):
+                    yield response
+            except BaseException as exc:
+                call.done(started, code_of(exc, context))
+                raise
+            call.done(started)
+
+        return grpc.stream_stream_rpc_method_handler(timed)
+
     def generic_handlers(self) -> list[grpc.GenericRpcHandler]:
         # No (de)serializers: handlers take and return bytes.
-        classify = grpc.unary_unary_rpc_method_handler(self.classify)
-        batch = grpc.unary_unary_rpc_method_handler(self.classify_batch)
-        stream = grpc.stream_stream_rpc_method_handler(self.classify_stream)
-        stats = grpc.unary_unary_rpc_method_handler(self.get_stats)
+        classify = self._unary("Classify", self.classify)
+        batch = self._unary("ClassifyBatch", self.classify_batch)
+        stream = self._stream("ClassifyStream", self.classify_stream)
+        stats = self._unary("GetStats", self.get_stats)
         return [
             grpc.method_handlers_generic_handler(
                 CLASSIFIER_SERVICE, {"Classify": classify, "ClassifyBatch": batch, "ClassifyStream": stream}

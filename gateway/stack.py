@@ -42,7 +42,9 @@ class InferenceProcess:
         # No drain period: it is stopped after its only caller, this process's gateway, stopped.
         logging = ["--log-level", self._log_level] if self._log_level else []
         return [sys.executable, "-m", "gateway", *logging, "inference", "--uds", self.socket,
-                "--exit-with-parent", "--drain-s", "0", "--grace-s", str(self._grace_s), *self._args]
+                "--exit-with-parent", "--drain-s", "0", "--grace-s", str(self._grace_s),
+                # Its metrics come through its gateway's scrape (gateway.metrics): no port of its own.
+                "--metrics-port", "0", *self._args]
 
     @property
     def address(self) -> str:

@@ -11,6 +11,9 @@ up in one place (gateway.stats_board). A worker that dies is started again.
 A worker's config (Redis password and cache secret included) travels pickled
 on its stdin, never in argv: any local user can read /proc/PID/cmdline.
 
+On SIGHUP (certificates or tokens rotated) worker 0 reloads and passes
+SIGHUP on to the others, each of which reads the files again itself.
+
 On SIGINT/SIGTERM worker 0 passes SIGTERM on to the others at once, so every
 worker's health says NOT_SERVING together (a health check's connection may
 land on any of them); each drains and stops by itself, and worker 0 waits
@@ -25,12 +28,13 @@ import logging
 import os
 import pickle
 import shutil
+import signal
 import sys
 import tempfile
 from typing import Callable
 
 from gateway.children import Child, keep_restarting
-from gateway.lifecycle import DrainConfig, StopSignals, drain_and_stop, exit_with_parent
+from gateway.lifecycle import DrainConfig, StopSignals, drain_and_stop, exit_with_parent, reload_on_sighup
 from gateway.server import GatewayConfig, GatewayServer
 from protos.logs import configure_logging
 
@@ -68,11 +72,16 @@ async def run_gateway_workers(
     start_timeout = config.connect_timeout_s + 60
     others: list[Child] = []
     keepers: list[asyncio.Task] = []
+    if server.reloadable:
+        reload_on_sighup(lambda: _reload_all(server, others))
     try:
         await server.start()
         signals = StopSignals()
         # The others bind the port worker 0 got (which matters for --port 0).
-        others = [_worker(dataclasses.replace(config, port=server.port), drain, log_level) for _ in range(count - 1)]
+        # Only worker 0 serves /metrics; the others count for it (gateway.metrics).
+        others = [_worker(dataclasses.replace(config, port=server.port, metrics_port=None,
+                                              count_calls=config.metrics_port is not None), drain, log_level)
+                  for _ in range(count - 1)]
         for worker in others:
             worker.start()
         await asyncio.gather(*(w.ready(start_timeout) for w in others))
@@ -96,9 +105,21 @@ async def run_gateway_workers(
             shutil.rmtree(stats_dir, ignore_errors=True)
 
 
+def _reload_all(server: GatewayServer, others: list[Child]) -> None:
+    # Every worker reads the files itself (they hold their own credentials).
+    # Only ready ones are told: one still starting may not handle SIGHUP yet
+    # (its default would kill it), and it reads the files as it starts.
+    server.reload()
+    for worker in others:
+        if worker.ready_now:
+            worker.send_signal(signal.SIGHUP)
+
+
 async def _worker_main(config: GatewayConfig, drain: DrainConfig) -> None:
     parent = asyncio.ensure_future(exit_with_parent(os.getppid()))
     server = GatewayServer(config)
+    if server.reloadable:
+        reload_on_sighup(server.reload)  # from worker 0, which got it first
     try:
         await server.start()
         signals = StopSignals()

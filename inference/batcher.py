@@ -24,11 +24,14 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from protos.errors import DeadlineExceeded, Overloaded
+from protos.metrics import Histogram, sample_key
 
 if TYPE_CHECKING:
     from inference.model import ModelInfo
@@ -122,6 +125,52 @@ class _Waiting:
     arrived: float
 
 
+class BatchMetrics:
+    """Histograms of the batches the model ran (protos.metrics; read at scrape time)."""
+
+    def __init__(self) -> None:
+        self.queue_wait_s = Histogram()  # from submit() to the start of the text's forward pass
+        self.forward_s = Histogram()
+        self.batch_texts = Histogram(_BATCH_TEXTS_BOUNDS)
+        self.batch_tokens = Histogram(_BATCH_TOKENS_BOUNDS)  # padded: texts x the longest estimate
+        # CPU seconds of the threads that tokenize and run the model (with one
+        # runtime thread per lane the model computes in the lane's own thread):
+        # the rest of the process's CPU is the event loop's (gRPC, batching,
+        # delivery). `tiergate bench` splits a miss's cost with them.
+        self.cpu_s = {"tokenize": 0.0, "forward": 0.0}
+        self._cpu_lock = threading.Lock()  # lanes add from threads of their own
+
+    def timed(self, stage: str, fn, arg):
+        """fn(arg) in the calling thread, its CPU time added to cpu_s[stage]."""
+        started = time.thread_time()
+        try:
+            return fn(arg)
+        finally:
+            took = time.thread_time() - started
+            with self._cpu_lock:
+                self.cpu_s[stage] += took
+
+    def batch_done(self, batch: list[_Waiting], started: float, took: float) -> None:
+        for w in batch:
+            self.queue_wait_s.observe(started - w.arrived)
+        self.forward_s.observe(took)
+        self.batch_texts.observe(len(batch))
+        self.batch_tokens.observe(len(batch) * max(w.cost for w in batch))
+
+    def samples(self) -> dict[str, float]:
+        return {
+            **self.queue_wait_s.samples("tiergate_inference_queue_wait_seconds"),
+            **self.forward_s.samples("tiergate_inference_forward_seconds"),
+            **self.batch_texts.samples("tiergate_inference_batch_texts"),
+            **self.batch_tokens.samples("tiergate_inference_batch_tokens"),
+            **{sample_key("tiergate_inference_cpu_seconds_total", stage=stage): s for stage, s in self.cpu_s.items()},
+        }
+
+
+_BATCH_TEXTS_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_BATCH_TOKENS_BOUNDS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
 class DynamicBatcher:
     """`run_batch(prepared)` scores one batch, from up to `lanes` threads at
     once; `prepare_batch(texts)`, if given, turns texts into its input (e.g.
@@ -148,6 +197,7 @@ class DynamicBatcher:
         self._gap_s = 0.0  # time between arrivals (EWMA); 0 at start: assume company comes
         self._last_arrival: float | None = None
         self.counters: Counter[str] = Counter()
+        self.metrics = BatchMetrics()
 
     @property
     def depth(self) -> int:
@@ -185,7 +235,7 @@ class DynamicBatcher:
             self.counters["rejected_full"] += 1
             raise QueueFull(f"inference queue is full ({self.config.max_queue} texts waiting)")
         if self.expected_wait_s() > self.config.max_queue_wait_s:
-            self.counters["rejected_full"] += 1
+            self.counters["rejected_wait"] += 1
             raise QueueFull(
                 f"inference queue holds {self.expected_wait_s():.1f} s of model work "
                 f"(limit {self.config.max_queue_wait_s:g} s)"
@@ -252,7 +302,8 @@ class DynamicBatcher:
         if self._prepare_batch is None:
             return texts
         try:
-            return await loop.run_in_executor(self._prepare_executor, self._prepare_batch, texts)
+            return await loop.run_in_executor(self._prepare_executor, self.metrics.timed, "tokenize",
+                                              self._prepare_batch, texts)
         except Exception as exc:
             self._fail(batch, exc, "preparing")
             return None
@@ -268,13 +319,15 @@ class DynamicBatcher:
     async def _score(self, loop: asyncio.AbstractEventLoop, batch: list[_Waiting], prepared) -> None:
         started = loop.time()
         try:
-            results = await loop.run_in_executor(self._executor, self._run_batch, prepared)
+            results = await loop.run_in_executor(self._executor, self.metrics.timed, "forward", self._run_batch,
+                                                 prepared)
             if len(results) != len(batch):
                 raise RuntimeError(f"model returned {len(results)} results for {len(batch)} texts")
         except Exception as exc:
             self._fail(batch, exc, "scoring")
             return
         took = max(loop.time() - started, 1e-6)
+        self.metrics.batch_done(batch, started, took)
         rate = len(batch) / took
         self._texts_per_s = rate if not self._texts_per_s else 0.8 * self._texts_per_s + 0.2 * rate
         self.counters["batches"] += 1

@@ -7,11 +7,14 @@ and kills the stream, so both sides take their numbers from here.
 
 from __future__ import annotations
 
-__all__ = ["CLIENT_OPTIONS", "SERVER_OPTIONS", "MAX_MESSAGE_BYTES"]
+__all__ = ["CLIENT_OPTIONS", "SERVER_OPTIONS", "MAX_MESSAGE_BYTES", "MESSAGE_MAX_ITEMS", "server_options"]
 
 KEEPALIVE_TIME_MS = 20_000
 KEEPALIVE_TIMEOUT_MS = 5_000
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # one stream message may carry thousands of texts
+# Texts (and cancel ids) in one message the gateway's client sends, at most:
+# the service refuses more than its --max-message-texts, which cannot be set below this.
+MESSAGE_MAX_ITEMS = 256
 
 CLIENT_OPTIONS = [
     ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
@@ -33,3 +36,9 @@ SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+
+
+def server_options(max_receive_bytes: int) -> list[tuple[str, int]]:
+    """SERVER_OPTIONS with the service's own receive limit (it follows from its text limits)."""
+    return [o for o in SERVER_OPTIONS if o[0] != "grpc.max_receive_message_length"] + [
+        ("grpc.max_receive_message_length", max_receive_bytes)]

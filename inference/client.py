@@ -24,9 +24,10 @@ from typing import Callable, Sequence
 import grpc
 
 from cache.upstream import Failed, ModelRef, Outcome, Scored
-from inference.channel_options import CLIENT_OPTIONS
+from inference.channel_options import CLIENT_OPTIONS, MESSAGE_MAX_ITEMS
 from protos import inference_pb2, inference_pb2_grpc
 from protos.errors import DeadlineExceeded, Lost, Unavailable, error_for_code
+from protos.security import ClientSecurity
 
 __all__ = ["InferenceClient", "wire_timeout_ms"]
 
@@ -53,11 +54,12 @@ def wire_timeout_ms(deadline: float | None, now: float) -> int:
 
 class InferenceClient:
     def __init__(self, target: str, *, describe_timeout_s: float = 2.0,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None, security: ClientSecurity = ClientSecurity()) -> None:
         self.target = target
         self._on_change = on_change  # called after connecting, disconnecting or a model change
         self._describe_timeout_s = describe_timeout_s
-        self._channel = grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS)
+        self._channel = security.aio_channel(target, options=CLIENT_OPTIONS)
+        self._metadata = security.metadata  # sent on every call: the service may require a token
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Outcome]] = {}
@@ -95,8 +97,15 @@ class InferenceClient:
         return self.model
 
     async def stats(self, timeout: float = 2.0) -> dict[str, int]:
-        reply = await self._stub.GetStats(inference_pb2.InferenceStatsRequest(), timeout=timeout)
+        reply = await self._stub.GetStats(inference_pb2.InferenceStatsRequest(), timeout=timeout,
+                                          metadata=self._metadata)
         return dict(reply.counters)
+
+    async def metric_samples(self, timeout: float = 2.0) -> dict[str, float]:
+        """The service's Prometheus samples (inference.metrics), without the model's info."""
+        reply = await self._stub.GetStats(inference_pb2.InferenceStatsRequest(), timeout=timeout,
+                                          metadata=self._metadata)
+        return dict(reply.metrics)
 
     async def close(self) -> None:
         self._closed = True
@@ -148,27 +157,35 @@ class InferenceClient:
 
     async def _maintain(self) -> None:
         backoff = 0.05
+        refused = False  # the last attempt was refused for its token (logged once)
         while not self._closed:
             sender = None
             try:
-                info = await self._stub.Describe(inference_pb2.DescribeRequest(), timeout=self._describe_timeout_s)
+                info = await self._stub.Describe(inference_pb2.DescribeRequest(), timeout=self._describe_timeout_s,
+                                                 metadata=self._metadata)
                 model = ModelRef(info.model_id, tuple(info.labels), info.fingerprint, info.device, info.dtype)
                 if self.model is not None and self.model.fingerprint != model.fingerprint:
                     log.warning("inference model changed: %s -> %s", self.model.display, model.display)
                 self.model = model
-                stream = self._stub.Score()
+                stream = self._stub.Score(metadata=self._metadata)
                 sender = asyncio.create_task(self._send(stream))
                 self._stream = stream
                 self._connected.set()
                 self._changed()
                 log.info("connected to inference service %s (%s)", self.target, model.display)
                 backoff = 0.05
+                refused = False
                 async for response in stream:
                     self._deliver(response, model)
                 log.warning("inference service %s closed the stream", self.target)
             except grpc.aio.AioRpcError as exc:
                 if self._stream is not None:
                     log.warning("inference stream to %s broke: %s", self.target, exc.code().name)
+                elif exc.code() == grpc.StatusCode.UNAUTHENTICATED and not refused:
+                    # Retrying cannot help until the token changes: say so once, not every backoff.
+                    log.error("the inference service at %s refused this gateway's token (%s); check "
+                              "--inference-token-file / $TIERGATE_INFERENCE_TOKEN", self.target, exc.details())
+                refused = exc.code() == grpc.StatusCode.UNAUTHENTICATED
             finally:
                 was_connected = self._stream is not None
                 self._stream = None
@@ -221,12 +238,13 @@ class InferenceClient:
                 self._send_wakeup.clear()
                 while self._outgoing or self._cancels:
                     end, size = 0, 0
-                    while end < len(self._outgoing) and size < _MESSAGE_TEXT_BYTES:
+                    while end < len(self._outgoing) and size < _MESSAGE_TEXT_BYTES and end < MESSAGE_MAX_ITEMS:
                         size += len(self._outgoing[end].text)
                         end += 1
                     items = self._outgoing[:end]
                     del self._outgoing[:end]
-                    cancels, self._cancels = self._cancels, []
+                    cancels = self._cancels[:MESSAGE_MAX_ITEMS]
+                    del self._cancels[:MESSAGE_MAX_ITEMS]
                     await stream.write(inference_pb2.ScoreRequest(items=items, cancel_ids=cancels))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             log.debug("inference stream write failed: %s", exc)

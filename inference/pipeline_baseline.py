@@ -3,6 +3,7 @@ one process, a transformers text-classification pipeline, texts in batches.
 
     python -m inference.pipeline_baseline --model DIR --texts FILE [--batch-size 8] [--limit N]
     python -m inference.pipeline_baseline --model DIR --texts FILE --bare-forward N [--warmup 5] [--quantize]
+    python -m inference.pipeline_baseline --model DIR --texts FILE --model-alone SECONDS [--quantize]
 
 Reads one text per line, scores them in batches of --batch-size, and prints
 one JSON line: texts, seconds (scoring only; loading is load_seconds),
@@ -15,6 +16,13 @@ with --quantize, as the server loads it), then --warmup texts and N texts
 scored one at a time (tokenize + forward of one text, nothing else), timed
 each; prints one JSON line with p50/p90/p99 ms of one pass. `tiergate bench`
 runs it (scenario miss-idle) on the texts the gateway was sent, while idle.
+
+--model-alone SECONDS is the ceiling the miss scenario is measured against:
+the model as the inference service serves it (the same loader, lanes,
+threads per lane and texts per pass), every lane kept busy from a thread of
+its own with the next batch of texts (tokenize + forward, nothing else: no
+gRPC, no queue, no cache), for SECONDS after a warm-up pass per lane; prints
+texts/s. `tiergate bench` runs it in the miss scenario on the miss texts.
 """
 
 from __future__ import annotations
@@ -99,6 +107,62 @@ def run_bare_forward(model: str, texts: list[str], warmup: int, *, quantize: boo
     }
 
 
+def run_model_alone(model: str, texts: list[str], seconds: float, *, quantize: bool, device: str) -> dict:
+    import itertools
+    import threading
+
+    from inference.batcher import BatcherConfig
+    from inference.model import ModelConfig
+    from inference.runtime import load_classifier
+
+    t0 = time.perf_counter()
+    classifier = load_classifier(ModelConfig(source=model, quantize=quantize or None, device=device))
+    info = classifier.info
+    load_s = time.perf_counter() - t0
+    per_pass = BatcherConfig().for_model(info).max_batch  # the service's default texts per pass
+    batches = [texts[i:i + per_pass] for i in range(0, len(texts) - per_pass + 1, per_pass)]
+    if not batches:
+        raise ValueError(f"--model-alone needs at least {per_pass} texts, got {len(texts)}")
+    feed = itertools.cycle(batches)
+    lock = threading.Lock()
+    scored = [0] * info.lanes
+    stop_at = [0.0]
+
+    def lane(index: int) -> None:
+        try:
+            classifier.forward(classifier.tokenize(batches[index % len(batches)]))  # warm-up, untimed
+        except BaseException:
+            barrier.abort()  # the other lanes and the timer must not wait for this one
+            raise
+        barrier.wait()
+        while time.perf_counter() < stop_at[0]:
+            with lock:
+                batch = next(feed)
+            classifier.forward(classifier.tokenize(batch))
+            scored[index] += len(batch)
+
+    barrier = threading.Barrier(info.lanes + 1)
+    with concurrent.futures.ThreadPoolExecutor(info.lanes, thread_name_prefix="model-alone") as pool:
+        futures = [pool.submit(lane, i) for i in range(info.lanes)]
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            for future in futures:
+                future.result()  # raises what broke it
+            raise
+        start = time.perf_counter()
+        stop_at[0] = start + seconds
+        for future in futures:
+            future.result()
+        took = time.perf_counter() - start
+    return {
+        "mode": "model-alone", "texts": sum(scored), "seconds": round(took, 3), "texts_per_s": sum(scored) / took,
+        "lanes": info.lanes, "threads": info.threads, "texts_per_pass": per_pass, "dtype": info.dtype,
+        "device": info.device, "runtime": info.graph, "load_seconds": round(load_s, 3), "rss_mb": _status_mb("VmRSS"),
+        "model": model, "model_id": info.model_id, "pid": os.getpid(),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m inference.pipeline_baseline", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (or hub id)")
@@ -109,11 +173,20 @@ def main(argv: list[str] | None = None) -> None:
                    "more) through inference.runtime.load_classifier (the runtime the stack picks), one forward pass each")
     p.add_argument("--warmup", type=int, default=5, help="with --bare-forward: untimed texts first, taken from "
                    "the start of the file (default: %(default)s)")
-    p.add_argument("--quantize", action="store_true", help="with --bare-forward: int8 dynamic quantization, as "
-                   "`tiergate serve --quantize` loads the model")
-    p.add_argument("--device", default="cpu", help="with --bare-forward: cpu, cuda, cuda:N or auto "
+    p.add_argument("--model-alone", type=float, metavar="SECONDS", help="instead: keep every lane of the model, "
+                   "as the inference service serves it, busy with batches of the texts for SECONDS; texts/s")
+    p.add_argument("--quantize", action="store_true", help="with --bare-forward or --model-alone: int8 dynamic "
+                   "quantization, as `tiergate serve --quantize` loads the model")
+    p.add_argument("--device", default="cpu", help="with --bare-forward or --model-alone: cpu, cuda, cuda:N or auto "
                    "(default: %(default)s)")
     args = p.parse_args(argv)
+    if args.model_alone is not None:
+        if not args.model_alone > 0:
+            p.error(f"--model-alone must be > 0 seconds, got {args.model_alone}")
+        texts = read_texts(args.texts, args.limit)
+        result = run_model_alone(args.model, texts, args.model_alone, quantize=args.quantize, device=args.device)
+        print(json.dumps(result), flush=True)
+        return
     if args.bare_forward is not None:
         if args.bare_forward < 1 or args.warmup < 0:
             p.error(f"--bare-forward must be >= 1 and --warmup >= 0, got {args.bare_forward} and {args.warmup}")

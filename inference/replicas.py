@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 from cache.upstream import Failed, ModelRef, Outcome
 from inference.client import InferenceClient
 from protos.errors import DeadlineExceeded, Lost, Unavailable
+from protos.security import ClientSecurity
 
 __all__ = ["ReplicaSet"]
 
@@ -36,13 +37,14 @@ class ReplicaSet:
     """The production Upstream (cache.upstream): a set of inference clients."""
 
     def __init__(self, targets: list[str], *, rng: random.Random | None = None,
-                 on_model_change: Callable[[ModelRef], None] | None = None) -> None:
+                 on_model_change: Callable[[ModelRef], None] | None = None,
+                 security: ClientSecurity = ClientSecurity()) -> None:
         if not targets:
             raise ValueError("at least one inference service address is required")
         if len(set(targets)) != len(targets):
             raise ValueError(f"inference addresses repeat: {','.join(targets)}")
         self.targets = targets
-        self.clients = [InferenceClient(t, on_change=self._elect_model) for t in targets]
+        self.clients = [InferenceClient(t, on_change=self._elect_model, security=security) for t in targets]
         self._rng = rng or random.Random()
         # Read on every call's hot path, so kept up to date on changes, not computed per call.
         self.model: ModelRef | None = None

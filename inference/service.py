@@ -18,13 +18,17 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from inference.batcher import BatcherConfig, DynamicBatcher, QueueFull
-from inference.channel_options import SERVER_OPTIONS
+from inference.channel_options import server_options
+from inference.limits import ScoreLimits
+from inference.metrics import INFERENCE_FAMILIES, MODEL_INFO, inference_samples, model_info_sample
 from inference.model import ModelConfig, SequenceClassifier
 from inference.runtime import load_classifier
 from protos import inference_pb2, inference_pb2_grpc
 from protos.health import HEALTH_SERVICE, HealthService
+from protos.metrics import MetricsEndpoint, SnapshotCollector, on_loop, sample_key, serve_metrics
 from protos.reflection import enable_reflection
 from protos.errors import Cancelled, ModelFailed, TiergateError, status_for
+from protos.security import ServerTls, TlsFiles, TokenAuth
 
 __all__ = ["InferenceConfig", "InferenceServer", "SHUTTING_DOWN"]
 
@@ -43,12 +47,20 @@ class InferenceConfig:
     # A Unix socket to listen on instead of host:port: only who may enter its
     # directory can connect (`serve` puts it in a 0700 one of its own).
     uds: str | None = None
+    metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port (0: any free port); None: off
+    limits: ScoreLimits = ScoreLimits()  # its own, whoever calls it (not only through a gateway)
+    tls: TlsFiles | None = None          # TCP only; client_ca: gateways need a certificate (mTLS)
+    auth_tokens: str | None = None       # file of bearer tokens every call but health/reflection needs
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"inference port must be in 0..65535, got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"inference metrics port must be in 0..65535, got {self.metrics_port}")
         if self.uds is not None and not self.uds:
             raise ValueError("inference uds path is empty")
+        if self.uds is not None and self.tls is not None:
+            raise ValueError("TLS is for TCP: a Unix socket (--uds) is protected by its directory's permissions")
 
 
 def _error_result(item_id: int, exc: BaseException) -> inference_pb2.ScoreResult:
@@ -63,9 +75,10 @@ def _error_result(item_id: int, exc: BaseException) -> inference_pb2.ScoreResult
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, model: SequenceClassifier, batcher: DynamicBatcher) -> None:
+    def __init__(self, model: SequenceClassifier, batcher: DynamicBatcher, limits: ScoreLimits = ScoreLimits()) -> None:
         self._model = model
         self._batcher = batcher
+        self._limits = limits
         info = model.info
         self._info = inference_pb2.ModelInfo(
             model_id=info.model_id, labels=list(info.labels), fingerprint=info.fingerprint,
@@ -73,6 +86,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         )
         self._closing = False
         self._readers: set[asyncio.Task] = set()  # of the open Score streams
+        self._rejected_invalid = 0  # texts over the service's own limits
 
     def close_intake(self) -> None:
         """Score streams stop reading new texts: each answers those it holds,
@@ -87,9 +101,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return self._info
 
     async def GetStats(self, request, context):
+        return inference_pb2.InferenceStats(counters=self.counters(), metrics=self.metric_samples())
+
+    def counters(self) -> dict[str, int]:
         counters = dict(self._batcher.counters)
         counters["queue_depth"] = self._batcher.depth
-        return inference_pb2.InferenceStats(counters=counters)
+        counters["rejected_invalid"] = self._rejected_invalid
+        return counters
+
+    def metric_samples(self) -> dict[str, float]:
+        """This service's Prometheus samples, but the model's info (inference.metrics)."""
+        return inference_samples(self.counters(), self._batcher.depth, self._batcher.metrics.samples())
 
     async def Score(self, request_iterator, context):
         if self._closing:
@@ -112,7 +134,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
+                    too_many = self._limits.message_error(len(request.items))
                     for item in request.items:
+                        refused = too_many or self._limits.text_error(item.text)
+                        if refused is not None:
+                            self._rejected_invalid += 1
+                            outbox.put_nowait(_error_result(item.id, refused))
+                            continue
                         try:
                             future = self._batcher.submit(item.text, item.timeout_ms / 1000 or None)
                         except QueueFull as exc:
@@ -157,6 +185,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 _READ_DONE = object()
 
 
+class _GenericOnly:
+    """Collects add_InferenceServicer_to_server's handlers as generic ones only:
+    gRPC looks registered method handlers up before any generic handler, so
+    they would bypass the TokenAuth in front of them."""
+
+    def __init__(self) -> None:
+        self.handlers: list[grpc.GenericRpcHandler] = []
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self.handlers.extend(handlers)
+
+    def add_registered_method_handlers(self, service_name, method_handlers) -> None:
+        pass  # the generic handler above serves the same methods
+
+
 class InferenceServer:
     def __init__(self, config: InferenceConfig) -> None:
         self.config = config
@@ -167,6 +210,30 @@ class InferenceServer:
         self._servicer: InferenceServicer | None = None
         self._stopped = False
         self._health: HealthService | None = None
+        self.metrics: MetricsEndpoint | None = None
+        # Read here, before the model loads: a bad file is an error at once.
+        self._tls = ServerTls(config.tls) if config.tls is not None else None
+        self._auth = TokenAuth(config.auth_tokens) if config.auth_tokens else None
+
+    @property
+    def reloadable(self) -> bool:
+        """Whether there is anything for reload() (SIGHUP) to read again."""
+        return self._tls is not None or self._auth is not None
+
+    def reload(self) -> None:
+        """Reads the TLS files and tokens file again (SIGHUP); what does not load is logged and kept."""
+        if self._tls is not None:
+            self._tls.reload()
+        if self._auth is not None:
+            self._auth.reload()
+
+    async def metric_samples(self) -> dict[str, float]:
+        info = self.model.info
+        samples = model_info_sample(info.model_id, info.fingerprint, info.dtype, info.device)
+        samples.update(self._servicer.metric_samples())
+        if self._auth is not None:
+            samples[sample_key("tiergate_inference_refusals_total", reason="unauthenticated")] = self._auth.refused
+        return samples
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -176,11 +243,13 @@ class InferenceServer:
         self._batcher = DynamicBatcher(self.model.forward, self.config.batcher.for_model(info),
                                        prepare_batch=self.model.tokenize, lanes=info.lanes)
         self._batcher.start()
-        server = grpc.aio.server(options=SERVER_OPTIONS)
-        self._servicer = InferenceServicer(self.model, self._batcher)
-        inference_pb2_grpc.add_InferenceServicer_to_server(self._servicer, server)
+        server = grpc.aio.server(options=server_options(self.config.limits.max_message_bytes()))
+        self._servicer = InferenceServicer(self.model, self._batcher, self.config.limits)
+        servicer = _GenericOnly()
+        inference_pb2_grpc.add_InferenceServicer_to_server(self._servicer, servicer)
         health = HealthService()
-        server.add_generic_rpc_handlers([health.generic_handler()])
+        auth = [self._auth] if self._auth is not None else []
+        server.add_generic_rpc_handlers([*auth, *servicer.handlers, health.generic_handler()])
         enable_reflection([SERVICE_NAME, reflection.SERVICE_NAME, HEALTH_SERVICE], server)
         if self.config.uds:
             if os.path.exists(self.config.uds):
@@ -188,6 +257,8 @@ class InferenceServer:
             if server.add_insecure_port(f"unix:{self.config.uds}") == 0:
                 raise OSError(f"cannot listen on the Unix socket {self.config.uds}")
             self.port = 0
+        elif self._tls is not None:
+            self.port = server.add_secure_port(f"{self.config.host}:{self.config.port}", self._tls.credentials())
         else:
             self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         await server.start()
@@ -195,6 +266,9 @@ class InferenceServer:
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
         self._health = health
+        if self.config.metrics_port is not None:
+            collector = SnapshotCollector((MODEL_INFO, *INFERENCE_FAMILIES), on_loop(self.metric_samples))
+            self.metrics = serve_metrics(self.config.host, self.config.metrics_port, collector)
         # The model, torch and transformers live as long as the process: keep
         # them out of the collector's full passes (as the gateway does).
         gc.collect()
@@ -222,3 +296,5 @@ class InferenceServer:
             await self._server.stop(grace_s)
         if self._batcher is not None:
             await self._batcher.close()
+        if self.metrics is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.metrics.close)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\x15tiergate.inference.v1\"9\n\tScoreItem\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\"S\n\x0cScoreRequest\x12/\n\x05items\x18\x01 \x03(\x0b\x32 .tiergate.inference.v1.ScoreItem\x12\x12\n\ncancel_ids\x18\x02 \x03(\x04\"V\n\x0bScoreResult\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\"n\n\rScoreResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".tiergate.inference.v1.ScoreResult\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\r\"\x11\n\x0f\x44\x65scribeRequest\"a\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\"\x17\n\x15InferenceStatsRequest\"\x88\x01\n\x0eInferenceStats\x12\x45\n\x08\x63ounters\x18\x01 \x03(\x0b\x32\x33.tiergate.inference.v1.InferenceStats.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\x9a\x02\n\tInference\x12V\n\x05Score\x12#.tiergate.inference.v1.ScoreRequest\x1a$.tiergate.inference.v1.ScoreResponse(\x01\x30\x01\x12T\n\x08\x44\x65scribe\x12&.tiergate.inference.v1.DescribeRequest\x1a .tiergate.inference.v1.ModelInfo\x12_\n\x08GetStats\x12,.tiergate.inference.v1.InferenceStatsRequest\x1a%.tiergate.inference.v1.InferenceStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\x15tiergate.inference.v1\"9\n\tScoreItem\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\"S\n\x0cScoreRequest\x12/\n\x05items\x18\x01 \x03(\x0b\x32 .tiergate.inference.v1.ScoreItem\x12\x12\n\ncancel_ids\x18\x02 \x03(\x04\"V\n\x0bScoreResult\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\"n\n\rScoreResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".tiergate.inference.v1.ScoreResult\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\r\"\x11\n\x0f\x44\x65scribeRequest\"a\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\"\x17\n\x15InferenceStatsRequest\"\xfd\x01\n\x0eInferenceStats\x12\x45\n\x08\x63ounters\x18\x01 \x03(\x0b\x32\x33.tiergate.inference.v1.InferenceStats.CountersEntry\x12\x43\n\x07metrics\x18\x02 \x03(\x0b\x32\x32.tiergate.inference.v1.InferenceStats.MetricsEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x9a\x02\n\tInference\x12V\n\x05Score\x12#.tiergate.inference.v1.ScoreRequest\x1a$.tiergate.inference.v1.ScoreResponse(\x01\x30\x01\x12T\n\x08\x44\x65scribe\x12&.tiergate.inference.v1.DescribeRequest\x1a .tiergate.inference.v1.ModelInfo\x12_\n\x08GetStats\x12,.tiergate.inference.v1.InferenceStatsRequest\x1a%.tiergate.inference.v1.InferenceStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,6 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INFERENCESTATS_COUNTERSENTRY']._loaded_options = None
   _globals['_INFERENCESTATS_COUNTERSENTRY']._serialized_options = b'8\001'
+  _globals['_INFERENCESTATS_METRICSENTRY']._loaded_options = None
+  _globals['_INFERENCESTATS_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_SCOREITEM']._serialized_start=49
   _globals['_SCOREITEM']._serialized_end=106
   _globals['_SCOREREQUEST']._serialized_start=108
@@ -48,9 +50,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFERENCESTATSREQUEST']._serialized_start=511
   _globals['_INFERENCESTATSREQUEST']._serialized_end=534
   _globals['_INFERENCESTATS']._serialized_start=537
-  _globals['_INFERENCESTATS']._serialized_end=673
-  _globals['_INFERENCESTATS_COUNTERSENTRY']._serialized_start=626
-  _globals['_INFERENCESTATS_COUNTERSENTRY']._serialized_end=673
-  _globals['_INFERENCE']._serialized_start=676
-  _globals['_INFERENCE']._serialized_end=958
+  _globals['_INFERENCESTATS']._serialized_end=790
+  _globals['_INFERENCESTATS_COUNTERSENTRY']._serialized_start=695
+  _globals['_INFERENCESTATS_COUNTERSENTRY']._serialized_end=742
+  _globals['_INFERENCESTATS_METRICSENTRY']._serialized_start=744
+  _globals['_INFERENCESTATS_METRICSENTRY']._serialized_end=790
+  _globals['_INFERENCE']._serialized_start=793
+  _globals['_INFERENCE']._serialized_end=1075
 # @@protoc_insertion_point(module_scope)

@@ -71,7 +71,7 @@ class InferenceStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InferenceStats(_message.Message):
-    __slots__ = ("counters",)
+    __slots__ = ("counters", "metrics")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,15 @@ class InferenceStats(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     counters: _containers.ScalarMap[str, int]
-    def __init__(self, counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, counters: _Optional[_Mapping[str, int]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...

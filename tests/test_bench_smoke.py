@@ -161,7 +161,7 @@ def test_trivial_server_answers_classify_with_fixed_bytes():
 # --- the miss path: miss-idle, miss-80, overload and the targets section -------------------------------------------
 
 def _miss_results(*, refused_max: float = 20.0, hung: int = 0, recovery_errors: dict | None = None,
-                  overload_rss_peak: float = 640.0) -> list[ScenarioResult]:
+                  overload_rss_peak: float = 780.0) -> list[ScenarioResult]:
     rss = RssSnapshot(total_mb=600.0, processes=())
     idle = ScenarioResult("miss-idle", "tiergate", "", load=_load(50, p50_ms=12.0), rss=rss,
                           extras={"bare_forward": {"p50_ms": 10.0, "p90_ms": 11.0, "min_ms": 9.0, "texts": 50,
@@ -178,23 +178,28 @@ def _miss_results(*, refused_max: float = 20.0, hung: int = 0, recovery_errors: 
                           extras={"offered_rps": 600.0, "capacity_texts_per_s": 300.0, "call_timeout_s": 20.0,
                                   "refused": 2500, "other_errors": {}, "hung": hung, "recovery": recovery,
                                   "refused_latency_ms": over_load.error_latency_ms["RESOURCE_EXHAUSTED"]})
-    miss = ScenarioResult("miss", "tiergate", "", load=_load(300), rss=rss, rss_peak_mb=620.0)
-    pipe = ScenarioResult("pipeline", "pipeline", "", pipeline={"texts_per_s": 90.0, "rss_mb": 500.0})
+    miss = ScenarioResult("miss", "tiergate", "", load=_load(300), rss=rss, rss_peak_mb=620.0,
+                          extras={"model_alone": {"texts_per_s": 330.0, "runtime": "onnxruntime", "lanes": 2,
+                                                  "threads": 1, "texts_per_pass": 4, "dtype": "float32",
+                                                  "device": "cpu"}})
+    pipe = ScenarioResult("pipeline", "pipeline", "", pipeline={"texts_per_s": 90.0, "rss_mb": 640.0})
     return [miss, idle, m80, over, pipe]
 
 
 def test_targets_pass_fail_and_not_measured():
-    checks = {c.key: c for c in check_targets(_miss_results(), "int8-dynamic")}
+    checks = {c.key: c for c in check_targets(_miss_results(), "float32", vnni=False)}
     assert {k: c.verdict for k, c in checks.items()} == {
-        "miss_vs_pipeline": "PASS", "idle_vs_bare_forward": "PASS", "miss_80_tail": "PASS",
-        "overload_refusals": "PASS", "overload_errors": "PASS", "overload_hung": "PASS", "overload_recovery": "PASS",
-        "rss_miss": "PASS", "rss_miss_peak": "PASS", "rss_overload_peak": "PASS"}
-    assert checks["miss_vs_pipeline"].value.startswith("3.33x") and "int8" in checks["miss_vs_pipeline"].target
+        "miss_vs_pipeline": "PASS", "miss_vs_model_alone": "PASS", "idle_vs_bare_forward": "PASS",
+        "miss_80_tail": "PASS", "overload_refusals": "PASS", "overload_errors": "PASS", "overload_hung": "PASS",
+        "overload_recovery": "PASS", "rss_miss": "PASS", "rss_miss_peak": "PASS", "rss_overload_peak": "PASS"}
+    assert checks["miss_vs_pipeline"].value.startswith("3.33x") and "AVX2" in checks["miss_vs_pipeline"].target
+    assert checks["miss_vs_model_alone"].value.startswith("91%")
     assert checks["rss_overload_peak"].value.startswith("+140 MB")
+    assert checks["rss_miss"].value.startswith("-40 MB") and checks["rss_miss"].target == "<= pipeline"
 
     bad = {c.key: c for c in check_targets(_miss_results(refused_max=80.0, hung=3, recovery_errors={"UNAVAILABLE": 1},
-                                                         overload_rss_peak=700.0), "float32")}
-    assert bad["miss_vs_pipeline"].verdict == "PASS" and "1.8x" in bad["miss_vs_pipeline"].target
+                                                         overload_rss_peak=800.0), "float32", vnni=True)}
+    assert bad["miss_vs_pipeline"].verdict == "FAIL" and "4x" in bad["miss_vs_pipeline"].target
     for key in ("overload_refusals", "overload_hung", "overload_recovery", "rss_overload_peak"):
         assert bad[key].verdict == "FAIL", key
     assert bad["overload_errors"].verdict == "PASS"  # DEADLINE_EXCEEDED is "hung", not another error
@@ -203,8 +208,8 @@ def test_targets_pass_fail_and_not_measured():
     assert only_miss["miss_vs_pipeline"].verdict == "n/a" and "--compare" in only_miss["miss_vs_pipeline"].value
     assert only_miss["overload_hung"].verdict == "n/a"
 
-    lines = render_targets(check_targets(_miss_results(), "int8-dynamic"))
-    assert lines[0].startswith("targets") and lines[-1].strip() == "10 PASS"
+    lines = render_targets(check_targets(_miss_results(), "int8-dynamic", vnni=False))
+    assert lines[0].startswith("targets") and lines[-1].strip() == "11 PASS"
     assert any(line.strip().startswith("PASS  miss-80 p99 / p50") and "3.00x" in line for line in lines)
 
 
@@ -219,12 +224,12 @@ def test_miss_rows_ratios_and_json(tmp_path):
     assert "refused p99 9.00 ms, hung 0" in row["overload"] and "RESOURCE_EXHAUSTED=2500" in row["overload"]
     assert "sent 600/s" in table and "recovery after overload" in table and "bare forward" in table
 
-    checks = check_targets(results, "int8-dynamic")
+    checks = check_targets(results, "int8-dynamic", vnni=False)
     doc = json.loads(write_json(tmp_path / "bench.json", {}, results, checks).read_text())
     over = next(s for s in doc["scenarios"] if s["name"] == "overload")
     assert over["load"]["error_latency_ms"]["RESOURCE_EXHAUSTED"]["max"] == 20.0 and over["load"]["hung"] == 0
     assert over["extras"]["recovery"]["ok"] == 300
-    assert [t["verdict"] for t in doc["targets"]].count("PASS") == 10
+    assert [t["verdict"] for t in doc["targets"]].count("PASS") == 11
 
 
 def test_pyload_output_carries_error_latencies_and_hung(tmp_path):
@@ -382,7 +387,7 @@ def test_classify_figures_targets_and_lines(tmp_path):
         assert bad[key].verdict == "FAIL", key
     assert "1 errors" in bad["classify_output"].value
 
-    assert not any(c.key.startswith("classify") for c in check_targets(_miss_results(), "int8-dynamic"))
+    assert not any(c.key.startswith("classify") for c in check_targets(_miss_results(), "int8-dynamic", vnni=False))
     failed = ScenarioResult("classify", "-", "", error="no model")
     assert {c.verdict for c in check_targets([failed], None) if c.key.startswith("classify")} == {"n/a"}
 

@@ -21,9 +21,13 @@ unparsed, so no other command imports any of this package.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
+
+from gateway import cli_security
+from protos.security import ClientSecurity
 
 from gateway.bench.catalog import SCENARIOS, check_scenarios, default_scenarios
 from gateway.bench.config import LOAD_CHOICES, BenchConfig, parse_duration, parse_rates
@@ -58,9 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: serve's own default)")
     g.add_argument("--serve-args", default="", metavar="'FLAGS'",
                    help="more flags for the started `tiergate serve`, e.g. '--quantize off --max-wait-ms 2'")
+    cli_security.add_client_flags(p, prefix="", token_flag="auth-token-file", token_env=cli_security.AUTH_TOKEN_ENV,
+                                  what="the --target gateway", note="load from ghz or the Python generator: grpcload "
+                                  "speaks neither")
     g = p.add_argument_group("load")
     g.add_argument("--load", choices=LOAD_CHOICES, default="auto", help="load generator (default: auto = ghz "
-                   "on PATH, else grpcload, else the built-in Python one)")
+                   "(--ghz, PATH or ../shared/tools/bin), else grpcload, else the built-in Python one; ghz runs "
+                   "closed-loop unary and batch calls, grpcload or Python the streams and open-loop runs)")
     g.add_argument("-c", "--concurrency", type=int, default=50, help="calls in flight (default: %(default)s)")
     g.add_argument("--connections", type=int, default=4, help="client connections (default: %(default)s)")
     g.add_argument("--duration", default="10s", help="per scenario (default: %(default)s)")
@@ -91,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("tools and output")
     g.add_argument("--out", default="bench-out", metavar="DIR",
                    help="where bench.json, the PNG and the servers' logs go (default: %(default)s)")
-    g.add_argument("--ghz", metavar="PATH", help="ghz executable (default: from PATH)")
+    g.add_argument("--ghz", metavar="PATH", help="ghz executable, v0.121.0 or one whose --help lists the same "
+                   "flags (default: PATH, then ../shared/tools/bin)")
     g.add_argument("--grpcload", metavar="PATH", help="grpcload (default: PATH, then ../shared/tools/bin)")
     g.add_argument("--gostub", metavar="PATH", help="gostub (default: PATH, then ../shared/tools/bin)")
     return p
@@ -101,7 +110,17 @@ def config_from_args(args) -> BenchConfig:
     names = tuple(n.strip() for n in args.scenarios.split(",") if n.strip()) if args.scenarios is not None \
         else default_scenarios(args.compare)
     check_scenarios(names)
+    flags = dict(prefix="", token_flag="auth-token-file")
+    if args.target:
+        security = cli_security.client_security(args, **flags, token_env=cli_security.AUTH_TOKEN_ENV,
+                                                environ=os.environ)
+    elif cli_security.client_flags_given(args, **flags):
+        raise ValueError(f"{', '.join(cli_security.client_flags_given(args, **flags))} only apply with --target "
+                         "(bench's own stack is plaintext)")
+    else:
+        security = ClientSecurity()
     return BenchConfig(
+        security=security,
         scenarios=names, target=args.target, pid=args.pid, model=args.model, workers=args.workers,
         serve_args=tuple(shlex.split(args.serve_args)), load=args.load, concurrency=args.concurrency,
         connections=args.connections, duration_s=parse_duration(args.duration), warmup_s=parse_duration(args.warmup),

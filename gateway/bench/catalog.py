@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from gateway.bench import miss_scenarios  # noqa: F401  (importing it registers the miss-path scenarios)
 from gateway.bench import classify_scenario  # noqa: F401  (registers classify: after overload, with --compare)
+from gateway.bench import metrics_scenario  # noqa: F401  (registers metrics-cost: last, with --compare)
 from gateway.bench.scenarios import SCENARIOS
 
 __all__ = ["SCENARIOS", "default_scenarios", "check_scenarios"]

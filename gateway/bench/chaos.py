@@ -97,7 +97,7 @@ class Stack:
         self.redis = self._child("redis", [shutil.which("redis-server") or "redis-server", "--port",
                                            str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
                                            "--appendonly", "no", "--dir", str(workdir)])
-        inference = [sys.executable, "-m", "gateway", "inference", "--port", "0"]
+        inference = [sys.executable, "-m", "gateway", "inference", "--port", "0", "--metrics-port", "0"]
         self.inference = self._child("inference", inference + (["--model", cfg.model] if cfg.model else [])
                                      + list(cfg.inference_args))
         self.gateway: Child | None = None  # argv needs the inference address
@@ -112,7 +112,8 @@ class Stack:
         await self.start_redis()
         await self.start_inference()
         self.gateway = self._child("gateway", [
-            sys.executable, "-m", "gateway", "gateway", "--port", "0", "--workers", str(self.cfg.workers),
+            sys.executable, "-m", "gateway", "gateway", "--port", "0", "--metrics-port", "0",
+            "--workers", str(self.cfg.workers),
             "--inference", self.inference.address, "--lmdb-path", str(self.l2), "--redis-url", self.redis_url])
         await self.start_gateway()
 

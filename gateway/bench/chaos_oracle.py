@@ -62,7 +62,7 @@ async def _result_for(call, item_id: int) -> tuple:
 async def score_alone(texts: list[str], *, model: str | None, extra_args: tuple[str, ...], log: Path,
                       env: dict) -> Truth:
     """Each text scored alone on a fresh inference process (see the module doc)."""
-    argv = [sys.executable, "-m", "gateway", "inference", "--port", "0", "--max-batch-texts", "1",
+    argv = [sys.executable, "-m", "gateway", "inference", "--port", "0", "--metrics-port", "0", "--max-batch-texts", "1",
             "--max-wait-ms", "0", *(["--model", model] if model else []), *extra_args]
     t0 = time.monotonic()
     with open(log, "a", encoding="utf-8", buffering=1) as out:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import re
 import subprocess
@@ -107,7 +108,8 @@ class ChildRun:
     stderr: str
 
 
-def run_child(argv: list[str], output: Path, log: Path, *, timeout_s: float = CHILD_TIMEOUT_S) -> ChildRun:
+def run_child(argv: list[str], output: Path, log: Path, *, timeout_s: float = CHILD_TIMEOUT_S,
+              env: dict[str, str] | None = None) -> ChildRun:
     """Runs argv to its end with stdin closed, stderr into log, sampling its
     tree's RSS in a thread and checking for `output` every POLL_S."""
     output.unlink(missing_ok=True)
@@ -116,7 +118,7 @@ def run_child(argv: list[str], output: Path, log: Path, *, timeout_s: float = CH
     output_s = None
     with open(stdout_path, "wb") as out, open(log, "wb") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
         with RssSampler(proc.pid, interval_s=SAMPLE_S) as sampler:
             while proc.poll() is None:
                 now = time.perf_counter()
@@ -195,12 +197,12 @@ def _script(ctx: BenchContext, model: str, source: Path, key: str, *, as_written
             "as_written": as_written, "batch_size": SCRIPT_BATCH, "output": str(output), "argv": argv}
 
 
-def _classify(ctx: BenchContext, key: str, source: Path, flags: list[str]) -> dict:
+def _classify(ctx: BenchContext, key: str, source: Path, flags: list[str], env: dict[str, str] | None = None) -> dict:
     output = ctx.workdir / "classify" / f"{key}.csv"
     argv = [sys.executable, "-m", "gateway", "classify", str(source), "--column", COLUMN, "-o", str(output),
             "--no-progress", *flags]
     ctx.log(f"  tiergate classify ({key}) {' '.join(flags)}")
-    run = run_child(argv, output, ctx.out / f"classify-{key}.log")
+    run = run_child(argv, output, ctx.out / f"classify-{key}.log", env=env)
     summary = parse_summary(run.stderr)
     if run.returncode not in (0, 3) or not output.is_file():
         raise RuntimeError(f"tiergate classify ({key}) stopped (status {run.returncode}): {run.stderr[-1500:]}")
@@ -211,6 +213,19 @@ def _classify(ctx: BenchContext, key: str, source: Path, flags: list[str]) -> di
             "peak_tree_rss_mb": round(run.peak_tree_mb, 1),
             "returncode": run.returncode, "summary": summary, "rows_out": len(labels),
             "rows_without_label": sum(1 for v in labels.values() if not v), "output": str(output), "argv": argv}
+
+
+def _security_flags(security) -> tuple[list[str], dict[str, str] | None]:
+    """`tiergate classify --target` flags for bench's own TLS files; its token in the environment, not argv."""
+    if security is None:
+        return [], None
+    flags = []
+    if security.tls is not None:
+        tls = security.tls
+        flags += (["--tls-ca", tls.ca] if tls.ca else []) + \
+            (["--tls-client-cert", tls.cert, "--tls-client-key", tls.key] if tls.cert else [])
+    env = {**os.environ, "TIERGATE_AUTH_TOKEN": security.token} if security.token else None
+    return flags, env
 
 
 def _same_rows_capacity(ctx: BenchContext, texts: list[str]) -> float:
@@ -280,11 +295,12 @@ def classify(ctx: BenchContext, name: str, about: str) -> ScenarioResult:
             ex["miss_scenario_texts_per_s"] = round(ctx.miss_capacity, 2)  # shorter texts; for reference
     except Exception as exc:
         res.notes.append(f"no miss capacity to compare --target with: {exc}")
-    address = ctx.tiergate.address
-    before = read_settled_stats(address)
-    figures = _attempt(res, "target", _classify, ctx, "target", target_source, ["--target", address])
+    address, security = ctx.tiergate.address, ctx.tiergate.security
+    before = read_settled_stats(address, security=security)
+    flags, env = _security_flags(security)
+    figures = _attempt(res, "target", _classify, ctx, "target", target_source, ["--target", address, *flags], env)
     if figures is not None:
-        figures["gateway_counters"] = counter_diff(before, read_settled_stats(address))
+        figures["gateway_counters"] = counter_diff(before, read_settled_stats(address, security=security))
         ex["target"] = figures
 
     ex["figures"] = classify_figures(ex)

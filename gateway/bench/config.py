@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from protos.security import ClientSecurity
+
 __all__ = ["BenchConfig", "LOAD_CHOICES", "parse_duration", "parse_rates"]
 
 LOAD_CHOICES = ("auto", "ghz", "grpcload", "python")
@@ -65,6 +67,7 @@ class BenchConfig:
     grpcload: str | None = None
     gostub: str | None = None
     seed: int = 20240611                     # texts shuffle and Zipf samples: the same traffic every run
+    security: ClientSecurity = ClientSecurity()  # TLS and token towards --target (its token is never logged)
 
     def __post_init__(self) -> None:
         # Whether each name is a known scenario is gateway.bench.catalog's to
@@ -81,6 +84,8 @@ class BenchConfig:
                 raise ValueError(f"--workers {self.workers} only applies when bench starts the stack (no --target)")
         elif self.pid is not None:
             raise ValueError(f"--pid {self.pid} only applies with --target (bench knows its own stack's pid)")
+        elif self.security.tls is not None:
+            raise ValueError("--tls-ca and --tls-client-cert only apply with --target (bench's own stack is plaintext)")
         for name, value, low in (("--concurrency", self.concurrency, 1), ("--connections", self.connections, 1),
                                  ("--pipeline-texts", self.pipeline_texts, 1),
                                  ("--classify-rows", self.classify_rows, 1), ("--miss-words", self.miss_words, 0),

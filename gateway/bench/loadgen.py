@@ -2,7 +2,8 @@
 
 Each runs as a child process and reports the same fields (LoadResult), so a
 scenario does not care which one ran. Preference: ghz (the usual gRPC tool)
-when it is on PATH, else grpcload (../shared/tools), else the Python
+when found (--ghz, PATH or ../shared/tools/bin) and its --help lists every flag
+we pass (Ghz.check), else grpcload (../shared/tools), else the Python
 generator (gateway.bench.pyload), which shares the machine's cores with the
 server it measures.
 
@@ -16,17 +17,26 @@ loop from the scheduled send time.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from protos.security import ClientSecurity
+
 __all__ = ["LoadSpec", "LoadResult", "LoadGenerator", "Tools", "find_tools", "generators", "pick"]
 
+TOKEN_ENV = "TIERGATE_AUTH_TOKEN"  # how the Python generator gets a token: never in its argv
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROTO_FILE = REPO_ROOT / "protos" / "classifier.proto"
+# Every flag Ghz.argv can pass: Ghz.check refuses a ghz whose --help lacks one.
+GHZ_FLAGS = ("--insecure", "--cacert", "--cert", "--key", "--metadata-file", "--proto", "--call", "--data-file",
+             "--disable-template-functions", "--disable-template-data", "--concurrency", "--connections",
+             "--format", "--timeout", "--total", "--duration", "--duration-stop")
 
 
 @dataclass(frozen=True)
@@ -77,7 +87,10 @@ class LoadResult:
 def status_name(code: str) -> str:
     """'DeadlineExceeded' (Go) or 'StatusCode.UNAVAILABLE' -> 'DEADLINE_EXCEEDED', 'UNAVAILABLE'."""
     code = code.rsplit(".", 1)[-1]
-    return code if code.isupper() else re.sub(r"(?<!^)(?=[A-Z])", "_", code).upper()
+    if not code:
+        return "UNKNOWN"  # ghz files an error that carries no gRPC status (e.g. a client-side one) under ""
+    name = code if code.isupper() else re.sub(r"(?<!^)(?=[A-Z])", "_", code).upper()
+    return "CANCELLED" if name == "CANCELED" else name  # Go spells it Canceled; gRPC's name is CANCELLED
 
 
 def _go_duration(seconds: float) -> str:
@@ -94,17 +107,28 @@ class LoadGenerator:
     def supports(self, spec: LoadSpec) -> bool:
         return True
 
-    def argv(self, spec: LoadSpec, address: str, workdir: Path) -> list[str]:
+    def speaks_tls(self) -> bool:
+        """Whether it can send TLS and a bearer token (--target with --tls-ca/--auth-token-file)."""
+        return True
+
+    def argv(self, spec: LoadSpec, address: str, workdir: Path, security: ClientSecurity | None = None,
+             secret_dir: str | None = None) -> list[str]:
         raise NotImplementedError
 
     def parse(self, stdout: str, spec: LoadSpec) -> LoadResult:
         raise NotImplementedError
 
-    def run(self, spec: LoadSpec, address: str, workdir: Path) -> LoadResult:
-        argv = self.argv(spec, address, workdir)
-        # Generous: a closed loop finishes its calls in flight after the duration, each up to its deadline.
-        limit = (spec.duration_s or 0) + 180 if spec.requests is None else 1800
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=limit, stdin=subprocess.DEVNULL)
+    def run(self, spec: LoadSpec, address: str, workdir: Path, security: ClientSecurity | None = None) -> LoadResult:
+        if security is not None and (security.tls or security.token) and not self.speaks_tls():
+            raise RuntimeError(f"{self.name} speaks neither TLS nor bearer tokens; use --load ghz or python")
+        # A token goes to the child in its environment or a 0600 file removed after the run, never in argv.
+        env = {**os.environ, TOKEN_ENV: security.token} if security is not None and security.token else None
+        with tempfile.TemporaryDirectory(prefix="tiergate-load-") as secret_dir:
+            argv = self.argv(spec, address, workdir, security, secret_dir)
+            # Generous: a closed loop finishes its calls in flight after the duration, each up to its deadline.
+            limit = (spec.duration_s or 0) + 180 if spec.requests is None else 1800
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=limit, stdin=subprocess.DEVNULL,
+                                  env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"{self.name} failed (status {proc.returncode}): {' '.join(argv)}\n"
                                f"{(proc.stderr or proc.stdout)[-2000:]}")
@@ -121,7 +145,11 @@ class Grpcload(LoadGenerator):
     def command(self) -> list[str]:
         return [self.path]
 
-    def argv(self, spec: LoadSpec, address: str, workdir: Path) -> list[str]:
+    def speaks_tls(self) -> bool:
+        return False  # ../shared/tools/grpcload is plaintext only
+
+    def argv(self, spec: LoadSpec, address: str, workdir: Path, security: ClientSecurity | None = None,
+             secret_dir: str | None = None) -> list[str]:
         argv = [*self.command(), "-addr", address, "-call", spec.method, "-texts", str(spec.texts_file),
                 "-c", str(spec.concurrency), "-connections", str(spec.connections), "-batch", str(spec.batch)]
         argv += ["-n", str(spec.requests)] if spec.requests is not None else ["-z", _go_duration(spec.duration_s)]
@@ -133,6 +161,10 @@ class Grpcload(LoadGenerator):
             argv += ["-rps", f"{spec.rps:g}"]
         if spec.timeout_s:
             argv += ["-timeout", _go_duration(spec.timeout_s)]
+        if security is not None and security.tls is not None:
+            tls = security.tls
+            argv += ["-tls"] + (["-cacert", tls.ca] if tls.ca else []) + \
+                (["-cert", tls.cert, "-key", tls.key] if tls.cert else [])
         return argv
 
     def parse(self, stdout: str, spec: LoadSpec) -> LoadResult:
@@ -159,40 +191,104 @@ class PythonLoad(Grpcload):
     def command(self) -> list[str]:
         return [self.path, "-m", "gateway.bench.pyload"]
 
+    def speaks_tls(self) -> bool:
+        return True  # TLS flags in argv, the token from $TIERGATE_AUTH_TOKEN
+
 
 class Ghz(LoadGenerator):
+    """ghz (github.com/bojand/ghz; v0.121.0 is what ../shared/tools/ghz/build.sh builds)."""
+
     name = "ghz"
     exact_open_loop = False
 
     def supports(self, spec: LoadSpec) -> bool:
         return not spec.stream and spec.rps is None
 
-    def argv(self, spec: LoadSpec, address: str, workdir: Path) -> list[str]:
+    def check(self) -> str:
+        """Its version; ValueError saying what to do when it does not run or
+        lacks a flag that argv() passes (an older ghz)."""
+        try:
+            usage = subprocess.run([self.path, "--help"], capture_output=True, text=True, timeout=30,
+                                   stdin=subprocess.DEVNULL)
+            version = subprocess.run([self.path, "--version"], capture_output=True, text=True, timeout=30,
+                                     stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ValueError(f"ghz {self.path}: cannot run it ({exc})") from None
+        # kingpin prints --version and --help on stderr
+        said = re.search(r"\bv?\d+\.\d+\S*", version.stderr + version.stdout) if version.returncode == 0 else None
+        found = said.group(0) if said else "version unknown"
+        text = usage.stdout + usage.stderr
+        missing = [flag for flag in GHZ_FLAGS if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text)]
+        if usage.returncode != 0 or missing:
+            lacks = f"its --help lists no {', '.join(missing)}" if missing else f"--help exits {usage.returncode}"
+            raise ValueError(f"ghz {self.path} ({found}): {lacks}; tiergate bench passes these (ghz v0.121.0 "
+                             f"has them: build it with ../shared/tools/ghz/build.sh), or use --load grpcload")
+        return found
+
+    def argv(self, spec: LoadSpec, address: str, workdir: Path, security: ClientSecurity | None = None,
+             secret_dir: str | None = None) -> list[str]:
         data = workdir / f"ghz-{spec.texts_file.stem}-b{spec.batch}{'-u' if spec.unique else ''}.json"
         if not data.exists():
             data.write_text(json.dumps(ghz_messages(spec)), encoding="utf-8")
         call = spec.method.lstrip("/").replace("/", ".")
+        concurrency = min(spec.concurrency, spec.requests or spec.concurrency)  # ghz refuses n < c
         # --proto rather than reflection: the baselines (gostub, trivial server) serve no reflection.
-        argv = [self.path, "--insecure", "--proto", str(PROTO_FILE), "--call", call, "-D", str(data),
-                "-c", str(min(spec.concurrency, spec.requests or spec.concurrency)),  # ghz refuses n < c
-                "--connections", str(spec.connections), "-O", "json"]
+        # ghz builds a text/template with sprig's ~100 functions for every call unless told not to: on a
+        # small machine that is CPU the server under test does not get. -unique needs {{.RequestNumber}}.
+        argv = [self.path, *_ghz_security(security, secret_dir), "--proto", str(PROTO_FILE), "--call", call,
+                "--data-file", str(data), "--disable-template-functions",
+                *([] if spec.unique else ["--disable-template-data"]),
+                "--concurrency", str(concurrency),
+                "--connections", str(min(spec.connections, concurrency)),  # ghz refuses connections > c
+                "--format", "json"]
         if spec.timeout_s:
-            argv += ["-t", f"{max(1, round(spec.timeout_s * 1000))}ms"]
-        argv += ["-n", str(spec.requests)] if spec.requests is not None else ["-z", _go_duration(spec.duration_s)]
+            argv += ["--timeout", f"{max(1, round(spec.timeout_s * 1000))}ms"]
+        if spec.requests is not None:
+            argv += ["--total", str(spec.requests)]
+        else:
+            # ghz's default (close) cuts the calls in flight at the end and counts them as UNAVAILABLE:
+            # wait for them, as grpcload and the Python generator do.
+            argv += ["--duration", _go_duration(spec.duration_s), "--duration-stop", "wait"]
         return [*argv, address]
 
     def parse(self, stdout: str, spec: LoadSpec) -> LoadResult:
-        data = json.loads(stdout)
-        statuses = {status_name(k): int(v) for k, v in (data.get("statusCodeDistribution") or {}).items()}
+        """ghz's JSON report: every duration (total, average, fastest, slowest,
+        latencyDistribution[].latency, details[].latency) is Go's
+        time.Duration, in nanoseconds; histogram marks are in seconds (unused).
+        The latencies are of the OK calls only (no --count-errors)."""
+        try:
+            data = json.loads(stdout)
+        except json.JSONDecodeError:
+            raise RuntimeError(f"ghz printed no JSON report:\n{stdout[-2000:]}") from None
+        statuses: dict[str, int] = {}
+        for code, count in (data.get("statusCodeDistribution") or {}).items():
+            statuses[status_name(code)] = statuses.get(status_name(code), 0) + int(count)
         ok = statuses.pop("OK", 0)
-        seconds = float(data["total"]) / 1e9  # Go durations are nanoseconds
-        pct = {int(d["percentage"]): float(d["latency"]) / 1e6 for d in data.get("latencyDistribution") or []}
-        rate = ok / seconds if seconds else 0.0
+        seconds = float(data["total"]) / 1e9
+        pct = {int(d["percentage"]): float(d["latency"]) / 1e6
+               for d in data.get("latencyDistribution") or [] if d.get("latency")}
+        rate = ok / seconds if seconds else 0.0  # calls/s of OK calls, like grpcload (ghz's own rps counts errors)
         return LoadResult(
             generator=self.name, ok=ok, errors=statuses, seconds=seconds, calls_per_s=rate,
             texts_per_s=rate * spec.batch, p50_ms=pct.get(50), p90_ms=pct.get(90), p95_ms=pct.get(95),
-            p99_ms=pct.get(99), max_ms=float(data["slowest"]) / 1e6 if ok else None, offered_rps=None,
+            p99_ms=pct.get(99),
+            max_ms=float(data["slowest"]) / 1e6 if ok else None, offered_rps=None,
         )
+
+
+def _ghz_security(security: ClientSecurity | None, secret_dir: str | None) -> list[str]:
+    if security is None or security.tls is None:
+        argv = ["--insecure"]
+    else:
+        tls = security.tls
+        argv = (["--cacert", tls.ca] if tls.ca else []) + (["--cert", tls.cert, "--key", tls.key] if tls.cert else [])
+    if security is not None and security.token:
+        path = os.path.join(secret_dir, "metadata.json")  # in a 0700 directory removed after the run
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"authorization": f"Bearer {security.token}"}, fh)
+        argv += ["--metadata-file", path]
+    return argv
 
 
 def ghz_messages(spec: LoadSpec) -> list[dict]:
@@ -247,19 +343,31 @@ def find_tools(*, ghz: str | None, grpcload: str | None, gostub: str | None) -> 
     return Tools(ghz=_find("ghz", ghz), grpcload=_find("grpcload", grpcload), gostub=_find("gostub", gostub))
 
 
-def generators(tools: Tools, load: str) -> list[LoadGenerator]:
+def generators(tools: Tools, load: str, secure: bool = False) -> list[LoadGenerator]:
     """The generators to try, best first: the chosen one, then the fallbacks
-    for what it cannot do (streams, open loop)."""
+    for what it cannot do (streams, open loop). secure: only those that speak
+    TLS and tokens (not grpcload). A ghz that fails Ghz.check is an error
+    with --load ghz, and skipped with a warning on stderr with auto."""
     available: dict[str, LoadGenerator] = {}
-    if tools.ghz:
-        available["ghz"] = Ghz(tools.ghz)
-    if tools.grpcload:
+    if tools.ghz and load in ("auto", "ghz"):  # other choices never fall back to ghz
+        ghz = Ghz(tools.ghz)
+        try:
+            ghz.check()
+            available["ghz"] = ghz
+        except ValueError as exc:
+            if load == "ghz":
+                raise
+            print(f"warning: not using ghz: {exc}", file=sys.stderr, flush=True)
+    if tools.grpcload and not secure:
         available["grpcload"] = Grpcload(tools.grpcload)
     available["python"] = PythonLoad(sys.executable)
+    if secure and load == "grpcload":
+        raise ValueError("--load grpcload speaks neither TLS nor bearer tokens: use --load ghz or python")
     if load == "auto":
         return list(available.values())
     if load not in available:
-        where = "PATH" if load == "ghz" else "--grpcload, PATH or ../shared/tools/bin (build it with build.sh)"
+        where = ("--ghz, PATH or ../shared/tools/bin (build it with ../shared/tools/ghz/build.sh)" if load == "ghz"
+                 else "--grpcload, PATH or ../shared/tools/bin (build it with ../shared/tools/build.sh)")
         raise ValueError(f"--load {load}: {load} not found on {where}")
     return [available[load]] + [g for name, g in available.items() if name != load and name != "ghz"]
 

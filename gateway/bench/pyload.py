@@ -2,6 +2,7 @@
 
     python -m gateway.bench.pyload -addr HOST:PORT -call /pkg.Service/Method -texts FILE [-c 50]
         [-connections 4] [-n N | -z 10s] [-batch K] [-unique] [-stream] [-rps R] [-timeout 20s]
+        [-tls [-cacert CA] [-cert CERT -key KEY]]     (a bearer token: $TIERGATE_AUTH_TOKEN)
 
 Beyond grpcload's fields its JSON line has: error_latency_ms (per status code:
 p50/p99/max of the failed calls, timed from their actual send, so that "how
@@ -25,11 +26,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 
 import grpc
 
 from gateway.bench.config import parse_duration
+from protos.security import ClientSecurity, ClientTls
 
 __all__ = ["main", "percentiles"]
 
@@ -64,6 +67,9 @@ def field1(text: str) -> bytes:
 class Load:
     def __init__(self, args) -> None:
         self.args = args
+        tls = ClientTls(args.cacert, args.cert, args.key) if args.tls else None
+        self.security = ClientSecurity(tls, os.environ.get("TIERGATE_AUTH_TOKEN") or None)
+        self.metadata = self.security.metadata
         with open(args.texts, encoding="utf-8") as fh:
             self.texts = [line.rstrip("\n") for line in fh if line.rstrip("\n")]
         if not self.texts:
@@ -127,7 +133,7 @@ class Load:
             sent_at = self.sending(at)
             self.inflight += 1
             try:
-                await call(request, timeout=self.args.timeout)
+                await call(request, timeout=self.args.timeout, metadata=self.metadata)
             except Exception as exc:
                 self.error(exc, sent_at)
             else:
@@ -136,7 +142,7 @@ class Load:
                 self.inflight -= 1
 
     async def stream_worker(self, channel: grpc.aio.Channel) -> None:
-        stream = channel.stream_stream(self.args.call)()
+        stream = channel.stream_stream(self.args.call)(metadata=self.metadata)
         try:
             while (job := await self.take()) is not None:
                 i, at = job
@@ -154,7 +160,7 @@ class Load:
     async def run(self) -> dict:
         args = self.args
         # A local subchannel pool per channel: otherwise channels to one target share one TCP connection.
-        channels = [grpc.aio.insecure_channel(args.addr, options=[("grpc.use_local_subchannel_pool", 1),
+        channels = [self.security.aio_channel(args.addr, options=[("grpc.use_local_subchannel_pool", 1),
                                                                   ("grpc.max_receive_message_length", 64 << 20)])
                     for _ in range(args.connections)]
         for ch in channels:
@@ -216,6 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-rps", type=float, default=0.0)
     p.add_argument("-stream", action="store_true")
     p.add_argument("-timeout", type=parse_duration, default=20.0, help="per-call deadline, e.g. 20s or 500ms")
+    p.add_argument("-tls", action="store_true", help="TLS (trusting -cacert, else the system's CAs)")
+    p.add_argument("-cacert")
+    p.add_argument("-cert")
+    p.add_argument("-key")
     args = p.parse_args(argv)
     print(json.dumps(asyncio.run(Load(args).run())), flush=True)
 

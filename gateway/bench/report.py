@@ -39,6 +39,9 @@ def ratios(results: list[ScenarioResult]) -> dict[str, float]:
                                                        get("trivial-aio", "calls_per_s")),
         "hit_batch_texts_vs_gostub_calls": _ratio(get("hit-batch", "texts_per_s"), get("gostub", "calls_per_s")),
         "miss_texts_vs_pipeline_texts": _ratio(get("miss", "texts_per_s"), get("pipeline", "texts_per_s")),
+        "miss_texts_vs_model_alone_texts": _ratio(get("miss", "texts_per_s"),
+                                                  ((r["miss"].extras.get("model_alone") or {}).get("texts_per_s")
+                                                   if "miss" in r else None)),
         "tiergate_rss_vs_pipeline_rss": _ratio(get("miss", "rss_mb"), get("pipeline", "rss_mb")),
     }
     idle, m80 = r.get("miss-idle"), r.get("miss-80")
@@ -124,6 +127,20 @@ def miss_lines(results: list[ScenarioResult]) -> list[str]:
             out.append(f"miss capacity (closed loop, texts/s) behind miss-80 and overload: "
                        f"{_num(res.extras['capacity_texts_per_s'])}, from {res.extras.get('capacity_from')}")
             break
+    miss = r.get("miss")
+    cpu = miss.extras.get("cpu_per_text") if miss else None
+    if cpu:
+        parts = ", ".join(f"{name} {ms:.2f}" for name, ms in cpu["ms_per_text"].items())
+        out.append(f"CPU per miss (ms of a core per text, {cpu['texts']} texts, {cpu['cores_busy']} cores busy): "
+                   f"{parts}; total {cpu['total_ms_per_text']:.2f}, the stack's share "
+                   f"{cpu['stack_share']:.0%}")
+    alone = miss.extras.get("model_alone") if miss else None
+    if alone:
+        share = f"; miss = {miss.texts_per_s / alone['texts_per_s']:.0%} of it" if miss.texts_per_s else ""
+        out.append(f"model alone (the miss scenario's ceiling: the served runtime with every lane busy, nothing else; "
+                   f"{alone['dtype']} on {alone['device']}, {alone.get('runtime', '?')}, {alone['lanes']} lane(s) x "
+                   f"{alone['threads']} thread(s), {alone['texts_per_pass']} texts per pass): "
+                   f"{_num(alone['texts_per_s'])} texts/s{share}")
     idle = r.get("miss-idle")
     bare = idle.extras.get("bare_forward") if idle else None
     if bare:

@@ -102,7 +102,7 @@ def _machine() -> dict:
 
 def _start_target(cfg: BenchConfig, workdir: Path) -> Target:
     if cfg.target is not None:
-        return attach(cfg.target, cfg.pid)
+        return attach(cfg.target, cfg.pid, cfg.security)
     _log("starting tiergate serve" + (f" --workers {cfg.workers}" if cfg.workers else "") +
          (f" --model {cfg.model}" if cfg.model else " (default model)"))
     return start_stack(model=cfg.model, workers=cfg.workers, lmdb_path=workdir / "l2", serve_args=cfg.serve_args,
@@ -131,7 +131,7 @@ def _measure(cfg: BenchConfig, tools: Tools, gens: list, out: Outcome) -> None:
         files, out.text_source = _write_texts(cfg, workdir, out.run_tag)
         _log(f"texts: {out.text_source}")
         out.target = _start_target(cfg, workdir)
-        stats = read_stats(out.target.address)
+        stats = read_stats(out.target.address, out.target.security)
         if stats is None:
             _log(f"note: {out.target.address} serves no GatewayAdmin.GetStats: tier hits n/a")
         out.workers_seen = stats["workers"] if stats else None
@@ -159,7 +159,7 @@ def _measure(cfg: BenchConfig, tools: Tools, gens: list, out: Outcome) -> None:
             except Exception as exc:
                 _log(f"  the sweep failed: {exc}")
                 out.sweep = {"error": str(exc)}
-        out.final_stats = read_stats(out.target.address)
+        out.final_stats = read_stats(out.target.address, out.target.security)
     except KeyboardInterrupt:
         out.interrupted = True
         _log("interrupted: reporting what was measured so far")
@@ -238,11 +238,16 @@ def _document(cfg: BenchConfig, out: Outcome, tools: Tools, gens: list) -> dict:
 
 
 def run(cfg: BenchConfig) -> int:
-    """Runs the benchmark; prints the table; returns 1 if a scenario failed, else 0."""
+    """Runs the benchmark; prints the table; returns 1 if a scenario failed, 2 if a
+    load tool is missing or unusable (nothing ran), else 0."""
     out = Outcome(started=datetime.datetime.now(datetime.UTC), run_tag=secrets.token_hex(3))
     cfg.out.mkdir(parents=True, exist_ok=True)
-    tools = find_tools(ghz=cfg.ghz, grpcload=cfg.grpcload, gostub=cfg.gostub)
-    gens = generators(tools, cfg.load)
+    try:  # a missing tool, or a ghz too old for the flags we pass: say so before any stack starts
+        tools = find_tools(ghz=cfg.ghz, grpcload=cfg.grpcload, gostub=cfg.gostub)
+        gens = generators(tools, cfg.load, secure=bool(cfg.security.tls or cfg.security.token))
+    except ValueError as exc:
+        print(f"tiergate bench: error: {exc}", file=sys.stderr)
+        return 2
     if gens[0].name == "python":
         _log(_python_warning(cfg.load == "python"))
     _measure(cfg, tools, gens, out)

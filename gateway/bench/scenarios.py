@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.bench.config import BenchConfig
+from gateway.bench.cpu_cost import cost_per_text, read_cpu
 from gateway.bench.loadgen import LoadGenerator, LoadResult, LoadSpec, pick
 from gateway.bench.procs import RssSnapshot
 from gateway.bench.targets import (
@@ -131,7 +132,7 @@ class BenchContext:
     def run_load(self, target: Target, spec: LoadSpec, prefer: str | None = None) -> LoadResult:
         gen = pick(self.gens, spec, prefer)
         self.log(f"  {gen.name}: {_describe(spec)}")
-        return gen.run(spec, target.address, self.workdir)
+        return gen.run(spec, target.address, self.workdir, target.security)
 
     def prime(self) -> None:
         """Score every hit text once (ClassifyBatch, one call at a time): the
@@ -154,14 +155,14 @@ class BenchContext:
         right after it (before the counters are read, so they include it)."""
         res = ScenarioResult(name=name, target=target.name, about=about)
         res.warm = [self.run_load(target, w, prefer) for w in warm]
-        before = read_settled_stats(target.address) if target.name == "tiergate" else None
+        before = read_settled_stats(target.address, security=target.security) if target.name == "tiergate" else None
         with target.sampler() as sampler:
             res.load = self.run_load(target, spec, prefer)
             res.rss = sampler.end()
         res.rss_peak_mb = sampler.peak_mb if res.rss else None
         if then is not None:
             then(res)
-        after = read_settled_stats(target.address) if before is not None else None
+        after = read_settled_stats(target.address, security=target.security) if before is not None else None
         res.counters = counter_diff(before, after)
         wanted = prefer or self.gens[0].name
         if res.load.generator != wanted:
@@ -224,11 +225,51 @@ def miss(ctx: BenchContext, name: str, about: str) -> ScenarioResult:
     cfg = ctx.config
     spec = ctx.spec(CLASSIFY, "miss", unique=True, concurrency=cfg.miss_concurrency,
                     connections=min(cfg.connections, cfg.miss_concurrency))
+    target = ctx.tiergate
+    metrics_port = target.info.get("metrics_port")
+    cpu_before = read_cpu(target.pid, metrics_port) if target.pid and metrics_port else None
+
+    def cpu_after(res: ScenarioResult) -> None:
+        if cpu_before is not None:
+            try:
+                res.extras["cpu_per_text"] = cost_per_text(cpu_before, read_cpu(target.pid, metrics_port),
+                                                           res.load.seconds)
+            except OSError as exc:
+                res.notes.append(f"the CPU breakdown failed: {exc}")
+
     res = ctx.measure(name, f"Classify, every text new (the model scores each), c={spec.concurrency}",
-                      ctx.tiergate, spec, [])
+                      target, spec, [], then=cpu_after)
     if res.load.texts_per_s > 0 and spec.rps is None:
         ctx.miss_capacity, ctx.miss_capacity_from = res.load.texts_per_s, "the miss scenario"
+    if ctx.config.compare:
+        try:
+            res.extras["model_alone"] = model_alone(ctx, spec.texts_file, min(cfg.duration_s, MODEL_ALONE_S))
+        except Exception as exc:  # the row stands without its ceiling
+            res.notes.append(f"the model-alone baseline failed: {exc}")
     return res
+
+
+MODEL_ALONE_S = 10.0
+
+
+def model_alone(ctx: BenchContext, texts: Path, seconds: float) -> dict:
+    """The served model with every lane busy and nothing else (inference.pipeline_baseline
+    --model-alone), on the same texts, in a child process while the stack is idle."""
+    stats = ctx.stats or {}
+    dtype, device = stats.get("model_dtype") or "", stats.get("model_device") or ""
+    argv = [sys.executable, "-m", "inference.pipeline_baseline", "--model", model_dir(ctx.config.model),
+            "--texts", str(texts), "--model-alone", f"{seconds:g}"]
+    if dtype == "int8-dynamic":
+        argv.append("--quantize")
+    if device == "cpu" or device.startswith("cuda"):
+        argv += ["--device", device]
+    ctx.log(f"  model alone: {seconds:g}s, every lane busy, as served ({dtype or '?'} on {device or '?'}; stack idle)")
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL)
+    (ctx.out / "model_alone.log").write_text(proc.stderr, encoding="utf-8")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"status {proc.returncode}: {proc.stderr[-1500:]}")
+    return {**json.loads(lines[-1]), "argv": argv}
 
 
 @scenario("zipf", "Classify, texts drawn from Zipf(s) over distinct texts")

@@ -13,6 +13,7 @@ import grpc
 from gateway.bench.procs import RssSampler, free_port, start_server
 from gateway.children import Child
 from protos import classifier_pb2, classifier_pb2_grpc
+from protos.security import ClientSecurity
 
 __all__ = ["Target", "start_stack", "attach", "start_gostub", "start_trivial", "read_stats", "read_settled_stats",
            "counter_diff", "TIER_KEYS"]
@@ -30,6 +31,7 @@ class Target:
     pid: int | None               # root of the process tree whose RSS is summed; None: RSS n/a
     child: Child | None = None    # set when bench started it (and so stops it)
     info: dict = field(default_factory=dict)
+    security: ClientSecurity | None = None  # TLS and token towards it (--target); None: plaintext, no token
 
     def sampler(self) -> RssSampler:
         return RssSampler(self.pid)
@@ -47,15 +49,20 @@ def start_stack(*, model: str | None, workers: int | None, lmdb_path: Path, serv
         argv += ["--model", model]
     if workers is not None:  # only when asked: serve's default stays serve's business
         argv += ["--workers", str(workers)]
+    metrics_port = None
+    if "--metrics-port" not in serve_args:  # metrics on, as served by default, on a port of its own
+        metrics_port = free_port()
+        argv += ["--metrics-port", str(metrics_port)]
     argv += list(serve_args)
     # The first start may build the default model (about a minute here): a long timeout.
     child = start_server("tiergate serve", argv, log_path, ready_timeout_s=900)
     return Target("tiergate", child.address, child.pid, child,
-                  info={"started_by_bench": True, "argv": argv, "ready_line": child.ready_line, "log": str(log_path)})
+                  info={"started_by_bench": True, "argv": argv, "ready_line": child.ready_line, "log": str(log_path),
+                        "metrics_port": metrics_port})
 
 
-def attach(address: str, pid: int | None) -> Target:
-    return Target("tiergate", address, pid, info={"started_by_bench": False})
+def attach(address: str, pid: int | None, security: ClientSecurity | None = None) -> Target:
+    return Target("tiergate", address, pid, info={"started_by_bench": False}, security=security)
 
 
 def start_gostub(path: str, log_path: Path) -> Target:
@@ -70,11 +77,13 @@ def start_trivial(log_path: Path) -> Target:
     return Target("trivial-aio", child.address, child.pid, child, info={"argv": argv})
 
 
-def read_stats(address: str) -> dict | None:
+def read_stats(address: str, security: ClientSecurity | None = None) -> dict | None:
     """GatewayAdmin.GetStats: the gateway's counters (summed over its workers), or None when not served."""
-    with grpc.insecure_channel(address) as channel:
+    security = security or ClientSecurity()
+    with security.channel(address) as channel:
         try:
-            reply = classifier_pb2_grpc.GatewayAdminStub(channel).GetStats(classifier_pb2.GetStatsRequest(), timeout=10)
+            reply = classifier_pb2_grpc.GatewayAdminStub(channel).GetStats(classifier_pb2.GetStatsRequest(), timeout=10,
+                                                                           metadata=security.metadata)
         except grpc.RpcError as exc:
             if exc.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAVAILABLE,
                               grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -89,16 +98,17 @@ def _answer_counts(stats: dict) -> dict[str, int]:
             if k.startswith(("hits_", "calls_", "model_", "misses", "singleflight", "memo_", "stream_"))}
 
 
-def read_settled_stats(address: str, *, settle_s: float = 0.5, timeout_s: float = 5.0) -> dict | None:
+def read_settled_stats(address: str, *, settle_s: float = 0.5, timeout_s: float = 5.0,
+                       security: ClientSecurity | None = None) -> dict | None:
     """GetStats once the counters stop moving. With several workers, each
     publishes its counters a few times a second and GetStats adds the others'
     latest snapshots, so right after a load the sum lags (by more when the
     workers' loops are busy): read until two reads settle_s apart agree."""
-    prev = read_stats(address)
+    prev = read_stats(address, security)
     deadline = time.monotonic() + timeout_s
     while prev is not None and time.monotonic() < deadline:
         time.sleep(settle_s)
-        cur = read_stats(address)
+        cur = read_stats(address, security)
         if cur is None or _answer_counts(cur) == _answer_counts(prev):
             return cur
         prev = cur

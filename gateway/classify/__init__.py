@@ -21,11 +21,10 @@ import sys
 import time
 from dataclasses import dataclass
 
-import grpc
-
 from gateway.classify.job import ClassifyJob, JobOptions, JobStopped, Tally
 from gateway.classify.output import OutputFile
 from gateway.classify.rows import RowSource, format_of, guess_format
+from protos.security import ClientSecurity
 
 __all__ = ["ClassifyRequest", "run_classify", "request_from_args", "embedded_stack_factory", "EXIT_OK", "EXIT_ROW_ERRORS", "EXIT_STOPPED", "EXIT_INTERRUPTED"]
 
@@ -46,6 +45,7 @@ class ClassifyRequest:
     resume: bool = False
     progress: bool = True
     options: JobOptions = JobOptions()
+    security: ClientSecurity = ClientSecurity()  # TLS and token towards --target
 
 
 def _default_output(path: str, fmt: str) -> str:
@@ -145,8 +145,9 @@ async def run_classify(request: ClassifyRequest, start_stack=None) -> int:
         if target is None:
             stack = start_stack()
             target = await stack.start()
-        async with grpc.aio.insecure_channel(target) as channel:
-            job = ClassifyJob(channel, target, output, render.render, request.options, on_written=progress.written)
+        async with request.security.aio_channel(target) as channel:
+            job = ClassifyJob(channel, target, output, render.render, request.options, on_written=progress.written,
+                              metadata=request.security.metadata)
             job.tally = tally
             for sig in signals:
                 loop.add_signal_handler(sig, on_signal)
@@ -184,12 +185,12 @@ async def run_classify(request: ClassifyRequest, start_stack=None) -> int:
     return EXIT_ROW_ERRORS if output.errors else EXIT_OK  # output.errors includes a resumed run's
 
 
-def request_from_args(args) -> ClassifyRequest:
+def request_from_args(args, security: ClientSecurity = ClientSecurity()) -> ClassifyRequest:
     options = JobOptions(batch_size=args.batch_size, max_retry_s=args.max_retry_s, call_timeout_s=args.call_timeout_s)
     progress = not args.no_progress and sys.stderr.isatty()
     return ClassifyRequest(input=args.input, column=args.column, output=args.output, input_format=args.input_format,
                            format=args.format, target=args.target, resume=args.resume, progress=progress,
-                           options=options)
+                           options=options, security=security)
 
 
 def embedded_stack_factory(args, model_args: list[str], config, log_level: str):

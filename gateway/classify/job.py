@@ -88,8 +88,10 @@ class ClassifyJob:
     """One pass over rows: call run(), then read `tally`. stop() ends it early, cleanly."""
 
     def __init__(self, channel: grpc.aio.Channel, target: str, output: OutputFile, render: Callable,
-                 options: JobOptions, on_written: Callable[[int], None] = lambda rows: None) -> None:
+                 options: JobOptions, on_written: Callable[[int], None] = lambda rows: None,
+                 metadata: tuple[tuple[str, str], ...] | None = None) -> None:
         self._stub = classifier_pb2_grpc.ClassifierStub(channel)
+        self._metadata = metadata        # sent on every call (a bearer token), or None
         self._target = target
         self._output = output
         self._render = render            # [(Row, Result)] -> bytes
@@ -210,9 +212,10 @@ class ClassifyJob:
     async def _send(self, piece: list[tuple[int, Row]]) -> list:
         timeout = self._options.call_timeout_s
         if len(piece) == 1:  # Classify: a rejection then names "text", not "texts[0]"
-            return [await self._stub.Classify(classifier_pb2.ClassifyRequest(text=piece[0][1].text), timeout=timeout)]
+            return [await self._stub.Classify(classifier_pb2.ClassifyRequest(text=piece[0][1].text), timeout=timeout,
+                                              metadata=self._metadata)]
         request = classifier_pb2.ClassifyBatchRequest(texts=[row.text for _, row in piece])
-        return list((await self._stub.ClassifyBatch(request, timeout=timeout)).results)
+        return list((await self._stub.ClassifyBatch(request, timeout=timeout, metadata=self._metadata)).results)
 
     async def _call(self, chunk: list[tuple[int, Row]]) -> None:
         options, window = self._options, self.window

@@ -8,6 +8,7 @@ same helper tiergate uses for its own children.
 `serve`, `gateway` and `inference` get `--drain-s 0` unless the test passes
 its own: a drain period only waits for load balancers, and tests that stop a
 server would otherwise each wait for it (tests/test_drain.py sets its own).
+They also get `--metrics-port 0` (no metrics) unless the test passes its own.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class TiergateProcess:
         args = list(self.args)
         if args and args[0] in _SERVERS and "--drain-s" not in args:
             args += ["--drain-s", "0"]
+        if args and args[0] in _SERVERS and "--metrics-port" not in args:
+            args += ["--metrics-port", "0"]  # tests run side by side: none takes the fixed default port
         if self.address is not None:  # a restart keeps its port so clients reconnect to it
             args = _with_port(args, self.port)
         self._child.argv = [sys.executable, "-m", "gateway", *args]
