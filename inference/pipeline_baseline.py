@@ -134,7 +134,8 @@ def run_model_alone(model: str, texts: list[str], seconds: float, *, quantize: b
         except BaseException:
             barrier.abort()  # the other lanes and the timer must not wait for this one
             raise
-        barrier.wait()
+        barrier.wait()  # every lane warm
+        barrier.wait()  # the end time is set
         while time.perf_counter() < stop_at[0]:
             with lock:
                 batch = next(feed)
@@ -146,12 +147,13 @@ def run_model_alone(model: str, texts: list[str], seconds: float, *, quantize: b
         futures = [pool.submit(lane, i) for i in range(info.lanes)]
         try:
             barrier.wait()
+            start = time.perf_counter()
+            stop_at[0] = start + seconds  # before the lanes go: one that saw no end time would stop at once
+            barrier.wait()
         except threading.BrokenBarrierError:
             for future in futures:
                 future.result()  # raises what broke it
             raise
-        start = time.perf_counter()
-        stop_at[0] = start + seconds
         for future in futures:
             future.result()
         took = time.perf_counter() - start

@@ -292,6 +292,20 @@ def test_bare_forward_prints_one_pass_percentiles(tiny_model, tmp_path):
     assert 0 < out["min_ms"] <= out["p50_ms"] <= out["p90_ms"] <= out["max_ms"]
 
 
+def test_model_alone_keeps_every_lane_busy(tiny_model, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(f"a new text number {i} #{i}\n" for i in range(40)))
+    proc = subprocess.run([sys.executable, "-m", "inference.pipeline_baseline", "--model", str(tiny_model),
+                           "--texts", str(texts), "--model-alone", "1", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300, cwd=pathlib.Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["mode"] == "model-alone" and out["lanes"] >= 1 and out["texts_per_pass"] >= 1
+    # Every lane ran for the whole second (a lane that stopped at once would leave a share unscored).
+    assert out["texts"] >= out["lanes"] * out["texts_per_pass"] and 0.9 <= out["seconds"] < 5
+    assert out["texts_per_s"] == pytest.approx(out["texts"] / out["seconds"], rel=1e-3)
+
+
 def test_miss_settings_are_validated():
     with pytest.raises(ValueError, match="--miss-concurrency must be >= 1, got 0"):
         BenchConfig(scenarios=("miss",), miss_concurrency=0)
