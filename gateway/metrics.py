@@ -102,7 +102,7 @@ def code_of(exc: BaseException, context) -> str:
     return "UNKNOWN"
 
 
-def process_samples(server: GatewayServer) -> dict[str, float]:
+def process_samples(server) -> dict[str, float]:  # server: gateway.server.GatewayServer
     """This worker's samples: they add up over the workers."""
     counters = server.counters()
     c = counters.get
@@ -158,7 +158,7 @@ def process_samples(server: GatewayServer) -> dict[str, float]:
     return out
 
 
-async def host_samples(server: GatewayServer, summed: Mapping[str, float]) -> dict[str, float]:
+async def host_samples(server, summed: Mapping[str, float]) -> dict[str, float]:
     """The workers' sum plus what there is one of per host."""
     out = dict(summed)
     if server.cache.l2 is not None:

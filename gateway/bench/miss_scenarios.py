@@ -15,14 +15,13 @@ the same load measures it first. Registered by importing this module (gateway.be
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
 import sys
 from dataclasses import asdict
 
 from gateway.bench.loadgen import LoadResult
-from gateway.bench.scenarios import CLASSIFY, BenchContext, ScenarioResult, model_dir, scenario
+from gateway.bench.scenarios import CLASSIFY, BenchContext, ScenarioResult, model_dir, run_baseline, scenario, \
+    served_model_flags
 from gateway.bench.texts import unique_texts, write_lines
 
 __all__ = ["miss_capacity", "bare_forward", "MISS_80_SHARE", "OVERLOAD_FACTOR", "RECOVERY_CALLS"]
@@ -82,22 +81,13 @@ def bare_forward(ctx: BenchContext, texts: list[str], warmup: int) -> dict:
     cfg = ctx.config
     stats = ctx.stats or {}
     dtype, device = stats.get("model_dtype") or "", stats.get("model_device") or ""
-    quantize = dtype == "int8-dynamic"
     path = write_lines(ctx.workdir / "bare-forward.txt", texts)
     argv = [sys.executable, "-m", "inference.pipeline_baseline", "--model", model_dir(cfg.model),
-            "--texts", str(path), "--bare-forward", str(len(texts) - warmup), "--warmup", str(warmup)]
-    if quantize:
-        argv.append("--quantize")
-    if device == "cpu" or device.startswith("cuda"):
-        argv += ["--device", device]
-    ctx.log(f"  bare forward: {len(texts) - warmup} single texts, {'int8-dynamic' if quantize else 'float32'}"
+            "--texts", str(path), "--bare-forward", str(len(texts) - warmup), "--warmup", str(warmup),
+            *served_model_flags(ctx)]
+    ctx.log(f"  bare forward: {len(texts) - warmup} single texts, {dtype or 'float32'}"
             f"{', ' + device if device else ''} (stack idle)")
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL)
-    (ctx.out / "bare_forward.log").write_text(proc.stderr, encoding="utf-8")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"status {proc.returncode}: {proc.stderr[-1500:]}")
-    out = json.loads(lines[-1])
+    out = run_baseline(ctx, argv, "bare_forward.log", timeout_s=1800)
     out["argv"] = argv
     out["stack_dtype"] = dtype or None
     return out

@@ -29,7 +29,8 @@ from gateway.bench.targets import (
     start_trivial,
 )
 
-__all__ = ["SCENARIOS", "Scenario", "ScenarioResult", "BenchContext", "scenario", "model_dir",
+__all__ = ["SCENARIOS", "Scenario", "ScenarioResult", "BenchContext", "scenario", "model_dir", "run_baseline",
+           "served_model_flags",
            "CLASSIFY", "CLASSIFY_BATCH", "CLASSIFY_STREAM", "OPEN_LOOP_RPS", "HIT_BATCH"]
 
 CLASSIFY = "/tiergate.v1.Classifier/Classify"
@@ -265,20 +266,31 @@ def model_alone(ctx: BenchContext, texts: Path, seconds: float) -> dict:
     """The served model with every lane busy and nothing else (inference.pipeline_baseline
     --model-alone), on the same texts, in a child process while the stack is idle."""
     stats = ctx.stats or {}
-    dtype, device = stats.get("model_dtype") or "", stats.get("model_device") or ""
     argv = [sys.executable, "-m", "inference.pipeline_baseline", "--model", model_dir(ctx.config.model),
-            "--texts", str(texts), "--model-alone", f"{seconds:g}"]
-    if dtype == "int8-dynamic":
-        argv.append("--quantize")
+            "--texts", str(texts), "--model-alone", f"{seconds:g}", *served_model_flags(ctx)]
+    ctx.log(f"  model alone: {seconds:g}s, every lane busy, as served ({stats.get('model_dtype') or '?'} on "
+            f"{stats.get('model_device') or '?'}; stack idle)")
+    return {**run_baseline(ctx, argv, "model_alone.log", timeout_s=1800), "argv": argv}
+
+
+def served_model_flags(ctx: BenchContext) -> list[str]:
+    """inference.pipeline_baseline flags for the precision and device the stack serves (GetStats)."""
+    stats = ctx.stats or {}
+    dtype, device = stats.get("model_dtype") or "", stats.get("model_device") or ""
+    flags = ["--quantize"] if dtype == "int8-dynamic" else []
     if device == "cpu" or device.startswith("cuda"):
-        argv += ["--device", device]
-    ctx.log(f"  model alone: {seconds:g}s, every lane busy, as served ({dtype or '?'} on {device or '?'}; stack idle)")
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL)
-    (ctx.out / "model_alone.log").write_text(proc.stderr, encoding="utf-8")
+        flags += ["--device", device]
+    return flags
+
+
+def run_baseline(ctx: BenchContext, argv: list[str], log_name: str, *, timeout_s: float) -> dict:
+    """Runs an inference.pipeline_baseline child; its one JSON line (stderr goes to log_name)."""
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+    (ctx.out / log_name).write_text(proc.stderr, encoding="utf-8")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"status {proc.returncode}: {proc.stderr[-1500:]}")
-    return {**json.loads(lines[-1]), "argv": argv}
+    return json.loads(lines[-1])
 
 
 @scenario("zipf", "Classify, texts drawn from Zipf(s) over distinct texts")
@@ -324,12 +336,11 @@ def pipeline(ctx: BenchContext, name: str, about: str) -> ScenarioResult:
     argv = [sys.executable, "-m", "inference.pipeline_baseline", "--model", model,
             "--texts", str(ctx.files["pipeline"]), "--batch-size", "8", "--limit", str(ctx.config.pipeline_texts)]
     ctx.log(f"  pipeline baseline: {ctx.config.pipeline_texts} texts, model {model}")
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600, stdin=subprocess.DEVNULL)
-    (ctx.out / "pipeline.log").write_text(proc.stderr, encoding="utf-8")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"the pipeline baseline failed (status {proc.returncode}): {proc.stderr[-1500:]}")
-    res = ScenarioResult(name=name, target="pipeline", about=about, pipeline=json.loads(lines[-1]))
+    try:
+        line = run_baseline(ctx, argv, "pipeline.log", timeout_s=3600)
+    except RuntimeError as exc:
+        raise RuntimeError(f"the pipeline baseline failed ({exc})") from None
+    res = ScenarioResult(name=name, target="pipeline", about=about, pipeline=line)
     res.rss_peak_mb = res.pipeline.get("peak_rss_mb")
     res.notes.append(f"argv: {' '.join(argv)}")
     return res
