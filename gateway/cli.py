@@ -79,10 +79,11 @@ def _add_gateway_flags(p: argparse.ArgumentParser, *, port_default: int = 50051)
                    "(default: %(default)s)")
 
 
-def _add_metrics_flag(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--metrics-port", type=int, default=9464, metavar="PORT",
-                   help=f"serve Prometheus metrics of {what} at http://HOST:PORT/metrics on the --host address; "
-                   "0: no metrics (default: %(default)s)")
+def _add_metrics_flag(p: argparse.ArgumentParser, what: str, default: int = 9464) -> None:
+    p.add_argument("--metrics-port", type=int, default=default, metavar="PORT",
+                   help=f"serve Prometheus metrics of {what} at http://HOST:PORT/metrics on the --host address "
+                   "(plain HTTP, no token: keep --host private or firewall the port); 0: no metrics "
+                   "(default: %(default)s)")
 
 
 def _metrics_port(args) -> int | None:
@@ -228,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uds", metavar="PATH", help="listen on this Unix socket instead of --host/--port (only who "
                    "may enter its directory can connect; serve uses one in a 0700 directory of its own)")
     p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
-    _add_metrics_flag(p, "the service")
+    # Not the gateway's 9464: a gateway and an inference service on one host must both start.
+    _add_metrics_flag(p, "the service", default=9465)
     _add_drain_flags(p, "the service")
     cli_security.add_server_flags(p, "TCP only")
     g = p.add_argument_group("limits (its own, so that nobody bypasses the gateway's by calling it directly)")

@@ -7,8 +7,10 @@ scrape time, on its event loop (never racing the code that counts), plus what
 is one per host: L2's size (one LMDB for every worker), the model's info,
 and under `serve` the inference child's own samples (asked over its socket).
 
-A worker that is restarted starts its counters at zero again: Prometheus
-sees a counter reset, which rate() and increase() handle.
+A worker that dies (or is restarted, with a new pid) leaves its last
+published counters in the sum (gateway.stats_board), so that no summed
+counter ever goes down: Prometheus would read a drop as a reset and the
+whole new value as an increase.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from protos.metrics import Family, Histogram, sample_key
 # process_samples and host_samples read a gateway.server.GatewayServer, which
 # imports this module (through gateway.servicer): named, not imported, here.
 
-__all__ = ["GATEWAY_FAMILIES", "CallMetrics", "process_samples", "host_samples"]
+__all__ = ["GATEWAY_FAMILIES", "CallMetrics", "code_of", "ended_code", "is_monotonic", "process_samples",
+           "host_samples"]
 
 _RPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 _TIER = ("tier",)
@@ -92,14 +95,37 @@ class CallMetrics:
         return out
 
 
+def is_monotonic(key: str) -> bool:
+    """Whether a sample key is of a counter or a histogram (never goes down), not of a gauge."""
+    return key.split("|", 1)[0].endswith(("_total", "_bucket", "_sum", "_count"))
+
+
 def code_of(exc: BaseException, context) -> str:
     """The status code an RPC ended with, for an exception that ended it."""
     if isinstance(exc, grpc.aio.AbortError):
         code = context.code()
         return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # the client left (a stream: closed)
-        return "CANCELLED"
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # the client left, or its deadline passed
+        return "DEADLINE_EXCEEDED" if _past_deadline(context) else "CANCELLED"
     return "UNKNOWN"
+
+
+def ended_code(context) -> str:
+    """The code of a stream whose handler returned: gRPC ends a stream whose deadline
+    passed, or that the client cancelled, by ending its requests, as a half-close
+    would; a passed deadline can be told, a cancel cannot (it counts as OK)."""
+    return "DEADLINE_EXCEEDED" if _past_deadline(context) else "OK"
+
+
+_DEADLINE_SLACK_S = 0.05
+
+
+def _past_deadline(context) -> bool:
+    # The client's deadline lapses on its own clock, which started the call
+    # earlier than the server did (by the time the request took to arrive):
+    # a call it gave up on at its deadline still has a few ms left here.
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= _DEADLINE_SLACK_S
 
 
 def process_samples(server) -> dict[str, float]:  # server: gateway.server.GatewayServer

@@ -16,7 +16,7 @@ from cache.l2_lmdb import filter_capacity_for
 from gateway.classifier import Classifier, Limits
 from gateway.connections import ConnectionOptions
 from gateway.gate import ClosingGate
-from gateway.metrics import GATEWAY_FAMILIES, host_samples, process_samples
+from gateway.metrics import GATEWAY_FAMILIES, host_samples, is_monotonic, process_samples
 from gateway.servicer import ADMIN_SERVICE, CLASSIFIER_SERVICE, ClassifierHandlers, render_l1
 from protos.health import HEALTH_SERVICE, HealthService
 from protos.metrics import MetricsEndpoint, SnapshotCollector, on_loop, serve_metrics
@@ -148,6 +148,10 @@ class GatewayServer:
             ],
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
+        if cfg.metrics_port is not None:
+            # Before the gRPC port: a taken metrics port fails the start, never a server that said SERVING.
+            self.metrics = serve_metrics(cfg.host, cfg.metrics_port,
+                                         SnapshotCollector(GATEWAY_FAMILIES, on_loop(self.metric_samples)))
         self._health = HealthService()
         server.add_generic_rpc_handlers(
             [self._gate, *([self._auth] if self._auth else []), *self.handlers.generic_handlers(),
@@ -173,9 +177,6 @@ class GatewayServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if cfg.stats_dir:
             self._publisher = asyncio.get_running_loop().create_task(self._publish_counters())
-        if cfg.metrics_port is not None:
-            self.metrics = serve_metrics(cfg.host, cfg.metrics_port,
-                                         SnapshotCollector(GATEWAY_FAMILIES, on_loop(self.metric_samples)))
         # What exists now (modules, stubs, config) lives as long as the process:
         # keep it out of the collector's full passes, which otherwise stalled
         # every call for ~60 ms every few seconds under load.
@@ -215,7 +216,7 @@ class GatewayServer:
 
     async def metric_samples(self) -> dict[str, float]:
         """Prometheus samples of this host's gateway: every worker's, summed, and the host's own."""
-        summed, _workers = self._board.total("metrics", process_samples(self))
+        summed, _workers = self._board.total("metrics", process_samples(self), monotonic=is_monotonic)
         return await host_samples(self, summed)
 
     async def own_inference_samples(self) -> dict[str, float]:

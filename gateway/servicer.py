@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 from cache import Entry, ModelRef
 from cache.tiered import Answer
 from gateway.classifier import Classifier
-from gateway.metrics import CallMetrics, code_of
+from gateway.metrics import CallMetrics, code_of, ended_code
 from protos.wire import field1_values
 from protos import classifier_pb2
 from protos.errors import InvalidInput, abort_with, status_for
@@ -255,7 +255,7 @@ class ClassifierHandlers:
             except BaseException as exc:
                 call.done(started, code_of(exc, context))
                 raise
-            call.done(started)
+            call.done(started, ended_code(context))
 
         return grpc.stream_stream_rpc_method_handler(timed)
 

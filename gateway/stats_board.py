@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 from collections import Counter
+from typing import Callable
 
 __all__ = ["StatsBoard", "PUBLISH_INTERVAL_S"]
 
@@ -34,6 +35,7 @@ class StatsBoard:
     def __init__(self, directory: str | None) -> None:
         self.directory = pathlib.Path(directory) if directory else None
         self.pid = os.getpid()
+        self._last: dict[tuple[int, str], dict[str, float]] = {}  # (pid, section) -> its last readable snapshot
 
     def publish(self, sections: dict[str, dict[str, float]]) -> None:
         if self.directory is None:
@@ -46,18 +48,37 @@ class StatsBoard:
         if self.directory is not None:
             (self.directory / f"{self.pid}.json").unlink(missing_ok=True)
 
-    def total(self, section: str, own: dict[str, float]) -> tuple[dict[str, float], int]:
-        """(one section's numbers summed over live workers, how many workers were counted)."""
+    def total(self, section: str, own: dict[str, float], *,
+              monotonic: Callable[[str], bool] | None = None) -> tuple[dict[str, float], int]:
+        """(one section's numbers summed over live workers, how many workers were counted).
+
+        monotonic(key): the key is a counter that must never go down (Prometheus
+        reads a drop as a reset and the whole new value as an increase): then a
+        worker that died keeps its last published value of such keys in the
+        sum, and a snapshot that cannot be read this time counts as the last
+        one that could."""
         summed: Counter[str] = Counter(own)
         workers = 1
         if self.directory is not None:
+            seen = {self.pid}
             for path in self.directory.glob("*.json"):
                 pid = int(path.stem)
-                if pid == self.pid or not _alive(pid):
+                if pid in seen:
                     continue
+                seen.add(pid)
+                alive = _alive(pid)
                 try:
-                    summed.update(json.loads(path.read_text()).get(section, {}))
+                    numbers = json.loads(path.read_text()).get(section, {})
+                    self._last[(pid, section)] = numbers
                 except (OSError, ValueError):
-                    continue  # a worker mid-exit; its numbers are gone with it
-                workers += 1
+                    numbers = self._last.get((pid, section), {})  # a worker mid-write or mid-exit
+                if alive:
+                    summed.update(numbers)
+                    workers += 1
+                elif monotonic is not None:
+                    summed.update({k: v for k, v in numbers.items() if monotonic(k)})
+            if monotonic is not None:  # workers whose file is gone (withdrawn at their stop)
+                for (pid, sec), numbers in self._last.items():
+                    if sec == section and pid not in seen:
+                        summed.update({k: v for k, v in numbers.items() if monotonic(k)})
         return dict(summed), workers

@@ -261,14 +261,15 @@ class InferenceServer:
             self.port = server.add_secure_port(f"{self.config.host}:{self.config.port}", self._tls.credentials())
         else:
             self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.config.metrics_port is not None:
+            # Before serving: a taken metrics port fails the start, never a service that said SERVING.
+            collector = SnapshotCollector((MODEL_INFO, *INFERENCE_FAMILIES), on_loop(self.metric_samples))
+            self.metrics = serve_metrics(self.config.host, self.config.metrics_port, collector)
         await server.start()
         for name in ("", SERVICE_NAME):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
         self._health = health
-        if self.config.metrics_port is not None:
-            collector = SnapshotCollector((MODEL_INFO, *INFERENCE_FAMILIES), on_loop(self.metric_samples))
-            self.metrics = serve_metrics(self.config.host, self.config.metrics_port, collector)
         # The model, torch and transformers live as long as the process: keep
         # them out of the collector's full passes (as the gateway does).
         gc.collect()

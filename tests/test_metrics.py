@@ -92,6 +92,23 @@ def test_serve_shows_its_inference_child_in_the_same_scrape(procs, tmp_path, tin
         stub = classifier_pb2_grpc.ClassifierStub(channel)
         texts = [f"text number {i} for the batch" for i in range(5)]
         stub.ClassifyBatch(classifier_pb2.ClassifyBatchRequest(texts=texts), timeout=20)
+        # A stream left open past its deadline: the client sees DEADLINE_EXCEEDED, and so does the metric.
+        import threading
+
+        hold = threading.Event()
+
+        def requests():
+            yield classifier_pb2.ClassifyRequest(text=texts[0])
+            hold.wait(10)
+
+        replies = stub.ClassifyStream(requests(), timeout=1.0)
+        with pytest.raises(grpc.RpcError) as late:
+            list(replies)
+        hold.set()
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    stream = dict(grpc_type="bidi_stream", grpc_service="tiergate.v1.Classifier", grpc_method="ClassifyStream")
+    eventually(lambda: value(scrape(port), "grpc_server_handled_total", **stream, grpc_code="DEADLINE_EXCEEDED") == 1,
+               timeout_s=10)
     s = scrape(port)
     assert value(s, "tiergate_inference_texts_scored_total") == 5
     assert value(s, "tiergate_inference_forward_seconds_count") == value(s, "tiergate_inference_batches_total") >= 1
@@ -139,3 +156,26 @@ def test_snapshots_add_up_into_cumulative_histograms():
     buckets = {s.labels["le"]: s.value for s in families["x_seconds"].samples if s.name == "x_seconds_bucket"}
     assert buckets == {"0.1": 2, "1.0": 3, "+Inf": 4}
     assert [s.value for s in families["y"].samples if s.name == "y_total"] == [3]
+
+
+def test_a_dead_workers_counters_stay_in_the_sum_but_not_its_gauges(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from gateway.metrics import is_monotonic
+    from gateway.stats_board import StatsBoard
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs: a worker that died
+    counter, gauge = sample_key("tiergate_answers_total", tier="l1"), sample_key("tiergate_pending_misses")
+    (tmp_path / f"{gone.pid}.json").write_text(json.dumps({"metrics": {counter: 5.0, gauge: 3.0}}))
+    board = StatsBoard(str(tmp_path))
+    own = {counter: 2.0, gauge: 1.0}
+    summed, workers = board.total("metrics", own, monotonic=is_monotonic)
+    assert summed == {counter: 7.0, gauge: 1.0} and workers == 1
+    # Its file gone too (withdrawn): the last counters it published still count.
+    (tmp_path / f"{gone.pid}.json").unlink()
+    assert board.total("metrics", own, monotonic=is_monotonic)[0][counter] == 7.0
+    # GetStats' counters are of live workers only, as before.
+    assert board.total("metrics", own)[0] == own
