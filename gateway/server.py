@@ -30,6 +30,7 @@ __all__ = ["GatewayConfig", "GatewayServer"]
 
 log = logging.getLogger(__name__)
 
+_GATE_ONLY_S = 0.5  # see stop()
 _CHILD_STATS_TIMEOUT_S = 2.0  # a scrape waits this long for the inference child's numbers
 
 
@@ -252,6 +253,11 @@ class GatewayServer:
         if self._server is not None:
             self._gate.close()
             await self.drain()
+            if grace_s > 0:
+                # A moment when every new call gets the gate's UNAVAILABLE "shutting
+                # down" (which clients retry elsewhere): a call that reaches the
+                # port once gRPC's own stop has begun may be failed CANCELLED.
+                await asyncio.sleep(min(_GATE_ONLY_S, grace_s))
             await self._server.stop(grace_s)
         if self.inference is not None:
             await self.inference.close()
