@@ -161,6 +161,21 @@ def build_default_model(
     return BuildReport(out_dir, accuracy, len(held_out), len(train), seconds, accuracy_int8)
 
 
+def tweets_of_build(checkpoint: pathlib.Path) -> tuple[list[tuple[str, int]], list[tuple[str, int]]] | None:
+    """(training texts, held-out texts) of a model this module built, labeled,
+    from its build record; None for any other checkpoint, or when the
+    installed corpus is not the one it was built from."""
+    try:
+        info = json.loads((pathlib.Path(checkpoint) / BUILD_INFO_FILE).read_text(encoding="utf-8"))
+        corpus = _corpus_path()
+        if (info["split_seed"] != SPLIT_SEED
+                or hashlib.sha256(corpus.read_bytes()).hexdigest() != info["sources"]["corpus_sha256"]):
+            return None
+        return _split(_read_corpus(corpus), seed=int(info["seed"]), max_train=int(info["train_size"]))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+        return None
+
+
 # --- sources -------------------------------------------------------------
 
 

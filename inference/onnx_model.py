@@ -5,8 +5,15 @@ tokens, each runtime in a fresh process): onnxruntime float32 scored 256
 texts/s against torch's 124 (2 lanes of 1 thread, batches of 4), with the
 same labels on every text, probabilities within 1.1e-6 of torch's, answers
 identical alone and in any padded batch, 190 MB resident against torch's 434,
-and 0.13 s to load against 2.4 s. So `--runtime auto` serves float32 models
-on a CPU with it; torch stays for int8, TorchScript on request, and CUDA.
+and 0.13 s to load against 2.4 s. So `--runtime auto` serves models on a
+CPU with it; torch stays for TorchScript on request and CUDA.
+
+Two precisions, each exported once per checkpoint (inference.onnx_export):
+float32, and int8 with a scale per token (inference.onnx_int8), whose
+answers, like float32's, never depend on the batch. `--quantize auto`
+serves int8 only where its export measured every bar passed (int8_verdict):
+label agreement with float32 on texts unlike the training data, held-out
+accuracy (so only for a model tiergate built), and speed on this CPU.
 
 The same interface as inference.model.SequenceClassifier: load(), info,
 tokenize(), forward(), score().
@@ -22,28 +29,62 @@ import subprocess
 import sys
 import threading
 
-from inference.model import ModelConfig, ModelInfo, _lower_thread_priority, plan_lanes, texts_per_pass
+from inference.model import (INT8_MAX_ACCURACY_LOSS, ModelConfig, ModelInfo, _lower_thread_priority, plan_lanes,
+                             texts_per_pass)
 from inference.model_record import checkpoint_signature
 from inference.onnx_export import GRAPH, MANIFEST, VERSION
 from inference.paths import cache_root
 from inference.probes import PROBE_TEXTS, PROBES
 
-__all__ = ["OnnxClassifier", "OnnxUnavailable", "graph_dir"]
+__all__ = ["OnnxClassifier", "OnnxUnavailable", "graph_dir", "int8_verdict", "INT8_MIN_AGREEMENT", "INT8_DTYPE"]
 
 log = logging.getLogger(__name__)
 
 _EXPORT_TIMEOUT_S = 900.0
+INT8_DTYPE = "int8-per-token"  # ModelInfo.dtype of the int8 graph (inference.onnx_int8)
+# --quantize auto serves the int8 graph only where its export measured at
+# least this much label agreement with float32 on texts unlike the training
+# data, held-out accuracy within INT8_MAX_ACCURACY_LOSS of float32's, and
+# more speed than float32 on this machine's cores.
+INT8_MIN_AGREEMENT = 0.98
+_BUILD_RECORD = "tiergate_build.json"  # inference.build.BUILD_INFO_FILE (that module is not imported here)
+
+
+def int8_verdict(check: dict) -> str | None:
+    """None when the int8 export's figures pass every bar of --quantize auto, else why not."""
+    agreement, accuracy, fp32 = check.get("agreement"), check.get("accuracy"), check.get("accuracy_float32")
+    speed = check.get("texts_per_s") or {}
+    if agreement is None or agreement < INT8_MIN_AGREEMENT:
+        return (f"it agrees with float32 on {100 * (agreement or 0):.1f}% of {check.get('agreement_texts', 0)} "
+                f"texts unlike the training data (at least {100 * INT8_MIN_AGREEMENT:.0f}% needed)")
+    if accuracy is None or fp32 is None:
+        return "the model has no held-out set to measure int8's accuracy on (only models tiergate built have)"
+    if fp32 - accuracy > INT8_MAX_ACCURACY_LOSS:
+        return f"it loses {100 * (fp32 - accuracy):.2f} points of held-out accuracy (at most {100 * INT8_MAX_ACCURACY_LOSS:.0f})"
+    if not speed.get("int8", 0) > speed.get("float32", 0):
+        return f"it is no faster than float32 on this CPU ({speed.get('int8')} vs {speed.get('float32')} texts/s)"
+    return None
+
+
+def _describe(check: dict) -> str:
+    speed = check.get("texts_per_s") or {}
+    accuracy = (f", held-out accuracy {check['accuracy']:.4f} vs float32's {check['accuracy_float32']:.4f}"
+                if check.get("accuracy") is not None else "")
+    ratio = speed.get("int8", 0) / speed["float32"] if speed.get("float32") else 0
+    return (f"agrees with float32 on {100 * check.get('agreement', 0):.2f}% of {check.get('agreement_texts', 0)} "
+            f"texts unlike the training data{accuracy}, {ratio:.2f}x float32's speed on one core here")
 
 
 class OnnxUnavailable(RuntimeError):
     """This model cannot be served with onnxruntime here (the message says why)."""
 
 
-def graph_dir(checkpoint: pathlib.Path) -> pathlib.Path:
-    """Where the exported graph of a checkpoint lives: under the cache dir, since
-    the checkpoint's own directory may be read-only."""
+def graph_dir(checkpoint: pathlib.Path, precision: str = "float32") -> pathlib.Path:
+    """Where the exported graph of a checkpoint in one precision lives: under the
+    cache dir, since the checkpoint's own directory may be read-only."""
     key = hashlib.blake2b(str(checkpoint.resolve()).encode(), digest_size=8).hexdigest()
-    return cache_root() / "models" / "onnx" / f"{checkpoint.name}-{key}"
+    suffix = "" if precision == "float32" else f"-{precision}"
+    return cache_root() / "models" / "onnx" / f"{checkpoint.name}-{key}{suffix}"
 
 
 class OnnxClassifier:
@@ -57,20 +98,32 @@ class OnnxClassifier:
         self._pad_id = 0
         self._max_texts: int | None = None
         self._tuned = threading.local()
+        self.check: dict = {}
 
-    def _manifest(self, checkpoint: pathlib.Path, where: pathlib.Path) -> dict | None:
+    def _manifest(self, checkpoint: pathlib.Path, where: pathlib.Path, precision: str) -> dict | None:
         try:
             manifest = json.loads((where / MANIFEST).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
         fresh = (manifest.get("version") == VERSION and manifest.get("files") == checkpoint_signature(checkpoint)
-                 and manifest.get("max_length") == self.config.max_length and (where / GRAPH).is_file())
+                 and manifest.get("max_length") == self.config.max_length and (where / GRAPH).is_file()
+                 and manifest.get("precision", "float32") == precision)
+        if fresh and precision == "int8":
+            from inference.onnx_int8 import cpu_has_vnni  # light: no torch, no onnx
+
+            # A graph built for another kind of CPU (a cache dir copied over): its weight bits are not this one's.
+            fresh = manifest["check"].get("weight_bits") == (8 if cpu_has_vnni() else 7)
         return manifest if fresh else None
 
-    def _export(self, checkpoint: pathlib.Path, where: pathlib.Path) -> dict:
-        log.info("exporting %s to an ONNX graph (once per checkpoint)", checkpoint)
+    def _graph(self, checkpoint: pathlib.Path, precision: str) -> tuple[pathlib.Path, dict]:
+        where = graph_dir(checkpoint, precision)
+        return where, self._manifest(checkpoint, where, precision) or self._export(checkpoint, where, precision)
+
+    def _export(self, checkpoint: pathlib.Path, where: pathlib.Path, precision: str) -> dict:
+        log.info("exporting %s to an ONNX graph in %s (once per checkpoint%s)", checkpoint, precision,
+                 ": int8 is measured against float32 first, about a minute" if precision == "int8" else "")
         argv = [sys.executable, "-m", "inference.onnx_export", "--model", str(checkpoint), "--out", str(where),
-                "--max-length", str(self.config.max_length)]
+                "--max-length", str(self.config.max_length), "--precision", precision]
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=_EXPORT_TIMEOUT_S,
                                   stdin=subprocess.DEVNULL)
@@ -79,10 +132,31 @@ class OnnxClassifier:
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise OnnxUnavailable(last.removeprefix("export failed: "))
-        manifest = self._manifest(checkpoint, where)
+        manifest = self._manifest(checkpoint, where, precision)
         if manifest is None:
             raise OnnxUnavailable("the export wrote no usable graph")
         return manifest
+
+    def _choose(self, checkpoint: pathlib.Path) -> tuple[pathlib.Path, dict]:
+        """The graph to serve: float32 or int8, by --quantize (auto: int8 where its export passed every bar)."""
+        quantize = self.config.quantize
+        if quantize is False or (quantize is None and not (checkpoint / _BUILD_RECORD).is_file()):
+            return self._graph(checkpoint, "float32")  # auto: nobody can measure int8's accuracy on this model
+        try:
+            where, manifest = self._graph(checkpoint, "int8")
+        except OnnxUnavailable as exc:
+            if quantize:
+                raise
+            log.warning("serving float32: the int8 graph could not be made (%s)", exc)
+            return self._graph(checkpoint, "float32")
+        why_not = int8_verdict(manifest["check"])
+        if quantize is None and why_not:
+            log.info("serving float32, not int8: %s", why_not)
+            return self._graph(checkpoint, "float32")
+        if why_not:
+            log.warning("serving int8 as --quantize on asks, although %s", why_not)
+        log.info("serving int8: it %s", _describe(manifest["check"]))
+        return where, manifest
 
     def load(self) -> ModelInfo:
         cfg = self.config
@@ -95,8 +169,8 @@ class OnnxClassifier:
             from tokenizers import Tokenizer
         except ImportError as exc:
             raise OnnxUnavailable(f"{exc.name} is not installed") from None
-        where = graph_dir(checkpoint)
-        manifest = self._manifest(checkpoint, where) or self._export(checkpoint, where)
+        where, manifest = self._choose(checkpoint)
+        dtype = INT8_DTYPE if manifest.get("precision") == "int8" else "float32"
 
         lanes, threads = plan_lanes("cpu", cfg.lanes, cfg.threads)
         options = onnxruntime.SessionOptions()
@@ -130,10 +204,11 @@ class OnnxClassifier:
         self._inputs = list(manifest["inputs"])
         self._pad_id = int(manifest["pad_id"])
         self._max_texts = self._check_batch_invariance()
-        self.info = ModelInfo(manifest["model_id"], self._labels, manifest["fingerprint"], "cpu", "float32", lanes,
+        self.info = ModelInfo(manifest["model_id"], self._labels, manifest["fingerprint"], "cpu", dtype, lanes,
                               threads, "onnxruntime", self._max_texts)
-        log.info("loaded model %s (cpu, float32, onnxruntime, %d lane(s) of %d thread(s)) fingerprint %s",
-                 self.info.model_id, lanes, threads, self.info.fingerprint)
+        self.check = manifest["check"]  # what the export measured (int8: agreement, accuracy, speed)
+        log.info("loaded model %s (cpu, %s, onnxruntime, %d lane(s) of %d thread(s)) fingerprint %s",
+                 self.info.model_id, dtype, lanes, threads, self.info.fingerprint)
         return self.info
 
     def _check_batch_invariance(self) -> int | None:

@@ -2,8 +2,8 @@
 one process, a transformers text-classification pipeline, texts in batches.
 
     python -m inference.pipeline_baseline --model DIR --texts FILE [--batch-size 8] [--limit N]
-    python -m inference.pipeline_baseline --model DIR --texts FILE --bare-forward N [--warmup 5] [--quantize]
-    python -m inference.pipeline_baseline --model DIR --texts FILE --model-alone SECONDS [--quantize]
+    python -m inference.pipeline_baseline --model DIR --texts FILE --bare-forward N [--warmup 5] [--quantize on] [--runtime torch]
+    python -m inference.pipeline_baseline --model DIR --texts FILE --model-alone SECONDS [--quantize on] [--runtime torch]
 
 Reads one text per line, scores them in batches of --batch-size, and prints
 one JSON line: texts, seconds (scoring only; loading is load_seconds),
@@ -11,8 +11,8 @@ texts_per_s, rss_mb (this process's VmRSS at the end) and peak_rss_mb
 (VmHWM). `tiergate bench --compare` runs it on the texts of its miss scenario.
 
 --bare-forward N is the floor a single miss is measured against: the model
-loaded with the project's own loader (inference.runtime.load_classifier, int8
-with --quantize, as the server loads it), then --warmup texts and N texts
+loaded with the project's own loader (inference.runtime.load_classifier, with
+--quantize and --runtime as the server takes them), then --warmup texts and N texts
 scored one at a time (tokenize + forward of one text, nothing else), timed
 each; prints one JSON line with p50/p90/p99 ms of one pass. `tiergate bench`
 runs it (scenario miss-idle) on the texts the gateway was sent, while idle.
@@ -69,12 +69,13 @@ def run_pipeline(model: str, texts: list[str], batch_size: int) -> dict:
     }
 
 
-def run_bare_forward(model: str, texts: list[str], warmup: int, *, quantize: bool, device: str) -> dict:
+def run_bare_forward(model: str, texts: list[str], warmup: int, *, quantize: bool | None, runtime: str,
+                     device: str) -> dict:
     from inference.model import ModelConfig
     from inference.runtime import load_classifier  # the runtime the stack picks for the same flags
 
     t0 = time.perf_counter()
-    classifier = load_classifier(ModelConfig(source=model, quantize=quantize or None, device=device))
+    classifier = load_classifier(ModelConfig(source=model, quantize=quantize, runtime=runtime, device=device))
     info = classifier.info
     load_s = time.perf_counter() - t0
 
@@ -107,7 +108,8 @@ def run_bare_forward(model: str, texts: list[str], warmup: int, *, quantize: boo
     }
 
 
-def run_model_alone(model: str, texts: list[str], seconds: float, *, quantize: bool, device: str) -> dict:
+def run_model_alone(model: str, texts: list[str], seconds: float, *, quantize: bool | None, runtime: str,
+                    device: str) -> dict:
     import itertools
     import threading
 
@@ -116,7 +118,7 @@ def run_model_alone(model: str, texts: list[str], seconds: float, *, quantize: b
     from inference.runtime import load_classifier
 
     t0 = time.perf_counter()
-    classifier = load_classifier(ModelConfig(source=model, quantize=quantize or None, device=device))
+    classifier = load_classifier(ModelConfig(source=model, quantize=quantize, runtime=runtime, device=device))
     info = classifier.info
     load_s = time.perf_counter() - t0
     per_pass = BatcherConfig().for_model(info).max_batch  # the service's default texts per pass
@@ -165,6 +167,9 @@ def run_model_alone(model: str, texts: list[str], seconds: float, *, quantize: b
     }
 
 
+_QUANTIZE = {"auto": None, "on": True, "off": False}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m inference.pipeline_baseline", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (or hub id)")
@@ -177,8 +182,10 @@ def main(argv: list[str] | None = None) -> None:
                    "the start of the file (default: %(default)s)")
     p.add_argument("--model-alone", type=float, metavar="SECONDS", help="instead: keep every lane of the model, "
                    "as the inference service serves it, busy with batches of the texts for SECONDS; texts/s")
-    p.add_argument("--quantize", action="store_true", help="with --bare-forward or --model-alone: int8 dynamic "
-                   "quantization, as `tiergate serve --quantize` loads the model")
+    p.add_argument("--quantize", choices=("auto", "on", "off"), default="auto", help="with --bare-forward or "
+                   "--model-alone: as `tiergate serve --quantize` (default: %(default)s)")
+    p.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), default="auto", help="with --bare-forward "
+                   "or --model-alone: as `tiergate serve --runtime` (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="with --bare-forward or --model-alone: cpu, cuda, cuda:N or auto "
                    "(default: %(default)s)")
     args = p.parse_args(argv)
@@ -186,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.model_alone > 0:
             p.error(f"--model-alone must be > 0 seconds, got {args.model_alone}")
         texts = read_texts(args.texts, args.limit)
-        result = run_model_alone(args.model, texts, args.model_alone, quantize=args.quantize, device=args.device)
+        result = run_model_alone(args.model, texts, args.model_alone, quantize=_QUANTIZE[args.quantize], runtime=args.runtime, device=args.device)
         print(json.dumps(result), flush=True)
         return
     if args.bare_forward is not None:
@@ -196,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         if len(texts) < args.warmup + args.bare_forward:
             p.error(f"{args.texts} has {len(texts)} texts; --warmup {args.warmup} + --bare-forward "
                     f"{args.bare_forward} need {args.warmup + args.bare_forward}")
-        result = run_bare_forward(args.model, texts, args.warmup, quantize=args.quantize, device=args.device)
+        result = run_bare_forward(args.model, texts, args.warmup, quantize=_QUANTIZE[args.quantize], runtime=args.runtime, device=args.device)
         print(json.dumps(result), flush=True)
         return
     if args.batch_size < 1:

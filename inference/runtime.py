@@ -13,13 +13,13 @@ log = logging.getLogger(__name__)
 
 
 def wants_onnxruntime(config: ModelConfig) -> bool:
-    """Whether to try onnxruntime: asked for, or auto for a float32 model on a
-    CPU. torch keeps int8 (--quantize on), a TorchScript graph asked for
-    (--torchscript on) and CUDA."""
+    """Whether to try onnxruntime: asked for, or auto on a CPU (float32 or
+    int8, inference.onnx_model). torch keeps a TorchScript graph asked for
+    (--torchscript on), CUDA, and int8-dynamic (--runtime torch --quantize on)."""
     if config.runtime != "auto":
         return config.runtime == "onnxruntime"
     on_cpu = config.device == "cpu" or (config.device == "auto" and not os.path.exists("/dev/nvidiactl"))
-    return on_cpu and config.quantize is not True and config.torchscript is not True
+    return on_cpu and config.torchscript is not True
 
 
 def load_classifier(config: ModelConfig):

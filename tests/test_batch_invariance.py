@@ -106,7 +106,7 @@ def test_the_inference_service_refuses_to_batch_int8(tiny_model):
     from inference.service import InferenceConfig, InferenceServer
 
     async def start() -> None:
-        server = InferenceServer(InferenceConfig(ModelConfig(source=str(tiny_model), quantize=True),
+        server = InferenceServer(InferenceConfig(ModelConfig(source=str(tiny_model), quantize=True, runtime="torch"),
                                                  BatcherConfig(max_batch=4), port=0))
         try:
             await server.start()

@@ -284,7 +284,8 @@ def test_bare_forward_prints_one_pass_percentiles(tiny_model, tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text("".join(f"a new text number {i} #{i}\n" for i in range(6)))
     proc = subprocess.run([sys.executable, "-m", "inference.pipeline_baseline", "--model", str(tiny_model),
-                           "--texts", str(texts), "--bare-forward", "4", "--warmup", "2", "--quantize"],
+                           "--texts", str(texts), "--bare-forward", "4", "--warmup", "2", "--quantize", "on",
+                           "--runtime", "torch"],
                           capture_output=True, text=True, timeout=300, cwd=pathlib.Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -4,6 +4,7 @@ checkpoint changes, and torch serves what onnxruntime cannot."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -13,7 +14,8 @@ import sys
 import pytest
 
 from inference.model import BATCH_INVARIANCE_TOLERANCE, ModelConfig, SequenceClassifier
-from inference.onnx_model import OnnxClassifier, OnnxUnavailable, graph_dir
+from inference.onnx_int8 import cpu_has_vnni
+from inference.onnx_model import INT8_DTYPE, OnnxClassifier, OnnxUnavailable, graph_dir, int8_verdict
 from inference.probes import PROBE_TEXTS
 from inference.runtime import load_classifier
 
@@ -88,3 +90,80 @@ def test_torch_serves_what_onnxruntime_cannot(tiny_model, tmp_path, cache_env, c
     # And what torch alone does: int8 and an explicit --runtime torch.
     assert isinstance(load_classifier(ModelConfig(source=str(tiny_model), lanes=1, runtime="torch",
                                                   torchscript=False)), SequenceClassifier)
+
+
+def _passes(**changes) -> dict:
+    check = {"agreement": 0.985, "agreement_texts": 840, "accuracy": 0.8805, "accuracy_float32": 0.8835,
+             "texts_per_s": {"float32": 116.0, "int8": 238.0}}
+    return {**check, **changes}
+
+
+def test_quantize_auto_serves_int8_only_where_every_bar_passed():
+    assert int8_verdict(_passes()) is None
+    assert "at least 98% needed" in int8_verdict(_passes(agreement=0.979))
+    assert "loses 1.10 points" in int8_verdict(_passes(accuracy=0.8725))
+    assert "no held-out set" in int8_verdict(_passes(accuracy=None))
+    assert "no faster than float32" in int8_verdict(_passes(texts_per_s={"float32": 116.0, "int8": 110.0}))
+
+
+def test_int8_answers_the_same_alone_and_in_any_batch_without_torch(tiny_model, cache_dir, cache_env):
+    int8 = onnx(tiny_model, quantize=True)
+    float32 = onnx(tiny_model)
+    assert (int8.info.dtype, int8.info.graph, int8.info.max_batch_texts) == (INT8_DTYPE, "onnxruntime", None)
+    assert int8.info.fingerprint != float32.info.fingerprint  # other answers, other cache keys
+    assert (graph_dir(tiny_model, "int8") / "model.onnx").is_file()
+    # What its export measured is kept: agreement on texts unlike any tweet, the
+    # batch check, the speed of both here; no held-out accuracy for a model tiergate did not build.
+    check = int8.check
+    assert check["agreement_texts"] == 840 and 0.5 <= check["agreement"] <= 1.0 and check["batch_diff"] <= 1e-5
+    assert set(check["texts_per_s"]) == {"float32", "int8"} and "accuracy" not in check
+    assert check["weight_bits"] == (8 if cpu_has_vnni() else 7)
+    alone = [int8.score([t])[0] for t in TEXTS]
+    for size in (2, 4, 7):
+        batched = [r for i in range(0, len(TEXTS), size) for r in int8.score(TEXTS[i:i + size])]
+        assert [label for label, _ in batched] == [label for label, _ in alone]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(batched, alone)) <= BATCH_INVARIANCE_TOLERANCE
+    # int8, not float32: the scores moved (by quantization, not by far).
+    want = [float32.score([t])[0] for t in TEXTS]
+    moved = [abs(a - b) for (_, a), (_, b) in zip(alone, want)]
+    assert 0 < max(moved) < 0.2
+    code = ("import sys; from inference.runtime import load_classifier; from inference.model import ModelConfig;"
+            f"m = load_classifier(ModelConfig(source={str(tiny_model)!r}, lanes=1, quantize=True)); print(m.info.dtype);"
+            "print([x for x in ('torch', 'transformers', 'onnx') if x in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TIERGATE_CACHE_DIR": str(cache_dir)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == [INT8_DTYPE, "[]"]
+
+
+def test_quantize_auto_keeps_float32_for_a_model_without_a_held_out_set(tiny_model, tmp_path, cache_env, caplog):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model, model_dir)
+    assert onnx(model_dir).info.dtype == "float32"
+    assert not graph_dir(model_dir, "int8").exists()  # not even exported: nothing could decide for it
+
+
+def test_an_int8_graph_made_for_another_kind_of_cpu_is_made_again(tiny_model, tmp_path, cache_env):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model, model_dir)
+    first = onnx(model_dir, quantize=True)
+    manifest_path = graph_dir(model_dir, "int8") / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["check"]["weight_bits"] = 15 - manifest["check"]["weight_bits"]  # 7 <-> 8: the other kind
+    manifest_path.write_text(json.dumps(manifest))
+    again = onnx(model_dir, quantize=True)
+    assert json.loads(manifest_path.read_text())["check"]["weight_bits"] == first.check["weight_bits"]
+    assert again.info.fingerprint == first.info.fingerprint  # the same recipe here: the same answers
+
+
+def test_the_default_model_serves_the_precision_its_export_measured(default_model_build, cache_env):
+    served = onnx(default_model_build.path)  # --quantize auto
+    int8 = onnx(default_model_build.path, quantize=True)
+    check = int8.check
+    # Measured on the held-out tweets of its build, next to float32's, and on texts unlike them.
+    assert check["accuracy_texts"] == 2000 and abs(check["accuracy_float32"] - default_model_build.accuracy) < 0.002
+    assert check["agreement_texts"] == 840 and check["batch_diff"] <= 1e-5
+    verdict = int8_verdict(check)
+    assert served.info.dtype == ("float32" if verdict else INT8_DTYPE), verdict
+    if cpu_has_vnni():  # measured on AVX-512 VNNI: 98.8% agreement, 0.3 points lost, 2.1x float32
+        assert verdict is None

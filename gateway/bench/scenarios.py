@@ -277,7 +277,8 @@ def served_model_flags(ctx: BenchContext) -> list[str]:
     """inference.pipeline_baseline flags for the precision and device the stack serves (GetStats)."""
     stats = ctx.stats or {}
     dtype, device = stats.get("model_dtype") or "", stats.get("model_device") or ""
-    flags = ["--quantize"] if dtype == "int8-dynamic" else []
+    flags = {"int8-dynamic": ["--quantize", "on", "--runtime", "torch"], "float32": ["--quantize", "off"]}.get(
+        dtype, ["--quantize", "on"] if dtype.startswith("int8") else [])  # int8-per-token: onnxruntime's
     if device == "cpu" or device.startswith("cuda"):
         flags += ["--device", device]
     return flags
