@@ -50,16 +50,22 @@ def test_the_graph_answers_as_the_model_alone_and_in_batches(tiny_model, cache_e
         assert max(abs(a - b) for (_, a), (_, b) in zip(batched, alone)) <= BATCH_INVARIANCE_TOLERANCE
 
 
-def test_serving_with_onnxruntime_imports_no_torch(tiny_model, cache_dir, cache_env):
-    onnx_dir = graph_dir(tiny_model)  # exported by the test above or now, in its own process
+def _served_in_a_fresh_process(model_dir, cache_dir, **config) -> tuple[str, str, str, str]:
+    """(runtime, precision, the label of 'a text', the heavy modules imported) of a model loaded as the service loads it."""
     code = ("import sys; from inference.runtime import load_classifier; from inference.model import ModelConfig;"
-            f"m = load_classifier(ModelConfig(source={str(tiny_model)!r}, lanes=1)); print(m.info.graph);"
-            "print(m.score(['a text'])[0][0]); print([x for x in ('torch', 'transformers') if x in sys.modules])")
+            f"m = load_classifier(ModelConfig(source={str(model_dir)!r}, lanes=1, **{config!r}));"
+            "print(m.info.graph); print(m.info.dtype); print(m.score(['a text'])[0][0]);"
+            "print([x for x in ('torch', 'transformers', 'onnx') if x in sys.modules])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TIERGATE_CACHE_DIR": str(cache_dir)})
     assert done.returncode == 0, done.stderr
-    graph, label, heavy = done.stdout.split("\n")[:3]
-    assert graph == "onnxruntime" and label in ("negative", "positive") and heavy == "[]"
+    return tuple(done.stdout.split("\n")[:4])
+
+
+def test_serving_with_onnxruntime_imports_no_torch(tiny_model, cache_dir, cache_env):
+    onnx_dir = graph_dir(tiny_model)  # exported by the test above or now, in its own process
+    graph, dtype, label, heavy = _served_in_a_fresh_process(tiny_model, cache_dir)
+    assert (graph, dtype, heavy) == ("onnxruntime", "float32", "[]") and label in ("negative", "positive")
     assert (onnx_dir / "model.onnx").is_file()
 
 
@@ -127,13 +133,8 @@ def test_int8_answers_the_same_alone_and_in_any_batch_without_torch(tiny_model, 
     want = [float32.score([t])[0] for t in TEXTS]
     moved = [abs(a - b) for (_, a), (_, b) in zip(alone, want)]
     assert 0 < max(moved) < 0.2
-    code = ("import sys; from inference.runtime import load_classifier; from inference.model import ModelConfig;"
-            f"m = load_classifier(ModelConfig(source={str(tiny_model)!r}, lanes=1, quantize=True)); print(m.info.dtype);"
-            "print([x for x in ('torch', 'transformers', 'onnx') if x in sys.modules])")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TIERGATE_CACHE_DIR": str(cache_dir)})
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[:2] == [INT8_DTYPE, "[]"]
+    graph, dtype, _, heavy = _served_in_a_fresh_process(tiny_model, cache_dir, quantize=True)
+    assert (graph, dtype, heavy) == ("onnxruntime", INT8_DTYPE, "[]")
 
 
 def test_quantize_auto_keeps_float32_for_a_model_without_a_held_out_set(tiny_model, tmp_path, cache_env, caplog):
