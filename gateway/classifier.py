@@ -63,11 +63,6 @@ class Classifier:
             self.cache.l1.use_model(model)
         return self._model
 
-    @property
-    def model_display(self) -> str:
-        model = self.current_model()
-        return model.display if model is not None else ""
-
     def _hit_keyer(self) -> Keyer | None:
         if self.upstream.generation != self._generation:
             self.current_model()

@@ -407,8 +407,10 @@ async def run_gateway(args, inference_targets: list[str], label: str = "gateway"
     workers = args.workers or default_workers(model_on_host=label == "serve")
 
     def ready(server) -> None:
+        model = server.handlers.core.current_model()
+        served = f"{model.display} ({model.dtype} on {model.device})" if model is not None else "not known yet"
         print(f"tiergate {label} listening on {server.address} ({workers} worker{'s' if workers > 1 else ''}; "
-              f"model {server.handlers.core.model_display}; {_tiers_summary(config)})", flush=True)
+              f"model {served}; {_tiers_summary(config)})", flush=True)
 
     await run_gateway_workers(config, workers, ready, drain=_drain(args), log_level=args.log_level.upper())
 
