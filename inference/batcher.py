@@ -6,7 +6,8 @@ wait. Waiting texts are grouped by length so that short texts are not padded
 to the length of a long one, and a token budget bounds the padded size of a
 batch. Preparing a batch (tokenizing) runs in one thread and the model in
 others, all off the event loop, so the next batch is tokenized while the model
-runs the current ones.
+runs the current ones; a batch that finds a lane free is tokenized by that
+lane (at idle the tokenize thread would only add a thread hop).
 
 `lanes` model calls may run at once, each in a thread of its own. On a CPU,
 several single-threaded forward passes side by side keep the cores busier than
@@ -114,6 +115,9 @@ def default_max_batch(device: str) -> int:
     # On a GPU a bigger batch costs little more than a small one (not
     # measured here: no GPU was lent to this project's sessions).
     return 4 if device == "cpu" else 64
+
+
+_UNPREPARED = object()  # a batch its lane tokenizes itself (see _run)
 
 
 @dataclass(slots=True)
@@ -280,6 +284,13 @@ class DynamicBatcher:
             batch = self._take_batch(loop.time())
             if not batch:
                 continue
+            if not self._lanes_busy():
+                # A lane is free: it tokenizes the batch itself. The tokenize
+                # thread only pays off while every lane is busy (the next batch
+                # is ready when one frees up); at idle it is one thread hop
+                # more between a text and the model.
+                self._start_forward(loop, batch, _UNPREPARED)
+                continue
             prepared = await self._prepare(loop, batch)
             if prepared is None:
                 continue
@@ -293,9 +304,12 @@ class DynamicBatcher:
                     prepared = await self._prepare(loop, batch) if batch else None
                     if prepared is None:
                         continue
-            forward = loop.create_task(self._score(loop, batch, prepared))
-            self._forwards.add(forward)
-            forward.add_done_callback(self._forwards.discard)
+            self._start_forward(loop, batch, prepared)
+
+    def _start_forward(self, loop: asyncio.AbstractEventLoop, batch: list[_Waiting], prepared) -> None:
+        forward = loop.create_task(self._score(loop, batch, prepared))
+        self._forwards.add(forward)
+        forward.add_done_callback(self._forwards.discard)
 
     async def _prepare(self, loop: asyncio.AbstractEventLoop, batch: list[_Waiting]):
         texts = [w.text for w in batch]
@@ -308,6 +322,11 @@ class DynamicBatcher:
             self._fail(batch, exc, "preparing")
             return None
 
+    def _prepare_and_run(self, texts: list[str]):
+        """In a lane's thread: tokenize (when the model needs it), then the forward pass."""
+        prepared = texts if self._prepare_batch is None else self.metrics.timed("tokenize", self._prepare_batch, texts)
+        return self.metrics.timed("forward", self._run_batch, prepared)
+
     def _fail(self, batch: list[_Waiting], exc: BaseException, stage: str) -> None:
         # Fail every open future: no caller may hang.
         log.error("%s a batch of %d texts failed: %r", stage, len(batch), exc)
@@ -319,12 +338,15 @@ class DynamicBatcher:
     async def _score(self, loop: asyncio.AbstractEventLoop, batch: list[_Waiting], prepared) -> None:
         started = loop.time()
         try:
-            results = await loop.run_in_executor(self._executor, self.metrics.timed, "forward", self._run_batch,
-                                                 prepared)
+            if prepared is _UNPREPARED:
+                results = await loop.run_in_executor(self._executor, self._prepare_and_run, [w.text for w in batch])
+            else:
+                results = await loop.run_in_executor(self._executor, self.metrics.timed, "forward", self._run_batch,
+                                                     prepared)
             if len(results) != len(batch):
                 raise RuntimeError(f"model returned {len(results)} results for {len(batch)} texts")
         except Exception as exc:
-            self._fail(batch, exc, "scoring")
+            self._fail(batch, exc, "tokenizing or scoring" if prepared is _UNPREPARED else "scoring")
             return
         took = max(loop.time() - started, 1e-6)
         self.metrics.batch_done(batch, started, took)

@@ -186,6 +186,41 @@ def test_next_batch_is_prepared_while_the_model_runs():
     assert snapshot == ["prepare first", "run first", "prepare second"]
 
 
+def test_a_text_that_finds_a_lane_free_is_tokenized_by_that_lane():
+    """At idle the tokenize thread would be one thread hop more between a text
+    and the model (measured: miss-idle p50 0.3-0.5 ms lower without it); it
+    only prepares the next batch while every lane is busy."""
+    gate = threading.Event()
+    prepared_in: dict[str, str] = {}
+
+    def prepare(texts):
+        prepared_in[texts[0]] = threading.current_thread().name
+        return texts
+
+    def run_batch(texts):
+        if texts[0] == "first":
+            gate.wait(5)
+        return [(t, 1.0) for t in texts]
+
+    async def body():
+        batcher = DynamicBatcher(run_batch, BatcherConfig(max_batch=1, max_wait_s=0.001, max_queue=8), prepare)
+        batcher.start()
+        try:
+            first = batcher.submit("first")
+            await asyncio.sleep(0.05)  # "first" holds the only lane
+            second = batcher.submit("second")
+            await asyncio.sleep(0.05)
+            gate.set()
+            assert await asyncio.gather(first, second) == [("first", 1.0), ("second", 1.0)]
+        finally:
+            await batcher.close()
+        return batcher.metrics.cpu_s
+
+    cpu = run(body())
+    assert prepared_in["first"].startswith("model") and prepared_in["second"].startswith("tokenize")
+    assert cpu["tokenize"] > 0 and cpu["forward"] > 0  # both still counted where they ran
+
+
 def test_queue_is_bounded_by_the_wait_it_implies():
     def slow(texts):
         threading.Event().wait(0.05 * len(texts))  # 20 texts/s
