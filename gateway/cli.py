@@ -145,7 +145,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    "int8 dynamic, one text per pass. (default: auto = int8 only where that export measured at least "
                    "98%% agreement, at most 1 point of held-out accuracy lost and more speed than float32 -- so only "
                    "for a model tiergate built; the built-in model passes on CPUs with VNNI; the ready line says "
-                   "which precision serves)")
+                   "which precision serves; decided per machine, so pin on or off for replicas on mixed CPUs). "
+                   "With --runtime torch, auto is on where the model's build measured int8 dynamic within 1 point)")
     g.add_argument("--torchscript", choices=("auto", "on", "off"), default="auto",
                    help="(the torch runtime; on picks it) serve a frozen TorchScript graph of the model, checked "
                    "against the model at load (default: "
@@ -458,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"the model already exists at {out} (--force rebuilds it)")
                 return
             report = build_default_model(out)
-            print(f"built {report.path}: held-out accuracy {report.accuracy:.4f} (int8: {report.accuracy_int8:.4f}) "
+            print(f"built {report.path}: held-out accuracy {report.accuracy:.4f} (torch int8 dynamic: {report.accuracy_int8:.4f}) "
                   f"on {report.eval_size} balanced positive/negative texts (trained on {report.train_size}) "
                   f"in {report.seconds:.0f} s")
         elif args.command == "bench":

@@ -178,7 +178,9 @@ _BATCH_TOKENS_BOUNDS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 class DynamicBatcher:
     """`run_batch(prepared)` scores one batch, from up to `lanes` threads at
     once; `prepare_batch(texts)`, if given, turns texts into its input (e.g.
-    tokenizes) in a thread of its own."""
+    tokenizes) in a thread of its own, or in the lane's thread when a lane is
+    free: it too may run in several threads at once (both runtimes' tokenizers
+    are used with fixed settings, which is safe)."""
 
     def __init__(self, run_batch: ScoreBatch, config: BatcherConfig = BatcherConfig(),
                  prepare_batch: PrepareBatch | None = None, *, lanes: int = 1) -> None:
@@ -322,10 +324,13 @@ class DynamicBatcher:
             self._fail(batch, exc, "preparing")
             return None
 
-    def _prepare_and_run(self, texts: list[str]):
-        """In a lane's thread: tokenize (when the model needs it), then the forward pass."""
+    def _prepare_and_run(self, texts: list[str]) -> tuple[list, float]:
+        """In a lane's thread: tokenize (when the model needs it), then the
+        forward pass; (results, seconds spent tokenizing)."""
+        started = time.perf_counter()
         prepared = texts if self._prepare_batch is None else self.metrics.timed("tokenize", self._prepare_batch, texts)
-        return self.metrics.timed("forward", self._run_batch, prepared)
+        tokenizing = time.perf_counter() - started
+        return self.metrics.timed("forward", self._run_batch, prepared), tokenizing
 
     def _fail(self, batch: list[_Waiting], exc: BaseException, stage: str) -> None:
         # Fail every open future: no caller may hang.
@@ -339,7 +344,9 @@ class DynamicBatcher:
         started = loop.time()
         try:
             if prepared is _UNPREPARED:
-                results = await loop.run_in_executor(self._executor, self._prepare_and_run, [w.text for w in batch])
+                results, tokenizing = await loop.run_in_executor(self._executor, self._prepare_and_run,
+                                                                 [w.text for w in batch])
+                started += tokenizing  # the forward pass's own duration, as when the tokenize thread prepared it
             else:
                 results = await loop.run_in_executor(self._executor, self.metrics.timed, "forward", self._run_batch,
                                                      prepared)

@@ -65,6 +65,10 @@ def export(checkpoint: pathlib.Path, out: pathlib.Path, max_length: int, precisi
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     hf_logging.set_verbosity_error()
+    if precision == "int8":
+        from inference.reference_texts import reference_texts
+
+        texts = reference_texts(AGREEMENT_TEXTS, AGREEMENT_LONG_TEXTS)  # first: without them nothing can be checked
     if not (checkpoint / "tokenizer.json").is_file():
         raise RuntimeError(f"{checkpoint} has no tokenizer.json (a fast tokenizer), which the onnxruntime runtime needs")
     hf_tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
@@ -97,7 +101,7 @@ def export(checkpoint: pathlib.Path, out: pathlib.Path, max_length: int, precisi
         check = {"texts": len(PROBE_TEXTS), "max_diff": worst}
         if precision == "int8":
             del session
-            check |= _export_int8(checkpoint, inputs, hf_tokenizer, max_length, tmp)
+            check |= _export_int8(checkpoint, inputs, hf_tokenizer, max_length, tmp, texts)
             digest.update(check["recipe"].encode())
         manifest = {
             "version": VERSION, "files": checkpoint_signature(checkpoint), "labels": list(labels),
@@ -148,12 +152,12 @@ def _softmax(logits):
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
-def _export_int8(checkpoint: pathlib.Path, inputs, hf_tokenizer, max_length: int, tmp: pathlib.Path) -> dict:
+def _export_int8(checkpoint: pathlib.Path, inputs, hf_tokenizer, max_length: int, tmp: pathlib.Path,
+                 texts: list[str]) -> dict:
     """Replaces tmp/GRAPH (float32) by its int8 graph; returns the figures the manifest keeps."""
     from inference.build import tweets_of_build
     from inference.model import BATCH_INVARIANCE_TOLERANCE
     from inference.onnx_int8 import cpu_has_vnni, quantize_per_token, recipe
-    from inference.reference_texts import reference_texts
 
     bits = 8 if cpu_has_vnni() else 7
     quantize_per_token(tmp / GRAPH, tmp / "int8.onnx", bits)
@@ -162,7 +166,6 @@ def _export_int8(checkpoint: pathlib.Path, inputs, hf_tokenizer, max_length: int
     def score(session, texts, per_pass=4):
         return _score_sorted(session, hf_tokenizer, inputs, texts, per_pass, max_length)
 
-    texts = reference_texts(AGREEMENT_TEXTS, AGREEMENT_LONG_TEXTS)
     want, got = score(reference, texts), score(int8, texts)
     some = texts[:: max(1, len(texts) // 200)] + PROBE_TEXTS
     batch_diff = float(abs(score(int8, some, per_pass=1) - score(int8, some, per_pass=7)).max())

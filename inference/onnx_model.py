@@ -21,13 +21,16 @@ tokenize(), forward(), score().
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import pathlib
+import shutil
 import subprocess
 import sys
 import threading
+import time
 
 from inference.model import (INT8_MAX_ACCURACY_LOSS, ModelConfig, ModelInfo, _lower_thread_priority, plan_lanes,
                              texts_per_pass)
@@ -59,7 +62,7 @@ def int8_verdict(check: dict) -> str | None:
                 f"texts unlike the training data (at least {100 * INT8_MIN_AGREEMENT:.0f}% needed)")
     if accuracy is None or fp32 is None:
         return "the model has no held-out set to measure int8's accuracy on (only models tiergate built have)"
-    if fp32 - accuracy > INT8_MAX_ACCURACY_LOSS:
+    if round(fp32 - accuracy, 9) > INT8_MAX_ACCURACY_LOSS:  # exactly 1 point is within the bar
         return f"it loses {100 * (fp32 - accuracy):.2f} points of held-out accuracy (at most {100 * INT8_MAX_ACCURACY_LOSS:.0f})"
     if not speed.get("int8", 0) > speed.get("float32", 0):
         return f"it is no faster than float32 on this CPU ({speed.get('int8')} vs {speed.get('float32')} texts/s)"
@@ -73,6 +76,17 @@ def _describe(check: dict) -> str:
     ratio = speed.get("int8", 0) / speed["float32"] if speed.get("float32") else 0
     return (f"agrees with float32 on {100 * check.get('agreement', 0):.2f}% of {check.get('agreement_texts', 0)} "
             f"texts unlike the training data{accuracy}, {ratio:.2f}x float32's speed on one core here")
+
+
+def _remove_abandoned_exports(directory: pathlib.Path) -> None:
+    """An export killed at its timeout leaves its temporary directory (100+ MB): remove those older than it."""
+    cutoff = time.time() - _EXPORT_TIMEOUT_S
+    for leftover in directory.glob(".export-*"):
+        try:
+            if leftover.stat().st_mtime < cutoff:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            pass
 
 
 class OnnxUnavailable(RuntimeError):
@@ -105,19 +119,34 @@ class OnnxClassifier:
             manifest = json.loads((where / MANIFEST).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("check"), dict):
+            return None  # damaged: exported again
         fresh = (manifest.get("version") == VERSION and manifest.get("files") == checkpoint_signature(checkpoint)
                  and manifest.get("max_length") == self.config.max_length and (where / GRAPH).is_file()
                  and manifest.get("precision", "float32") == precision)
         if fresh and precision == "int8":
-            from inference.onnx_int8 import cpu_has_vnni  # light: no torch, no onnx
+            from inference.onnx_int8 import cpu_has_vnni, recipe  # light: no torch, no onnx
 
-            # A graph built for another kind of CPU (a cache dir copied over): its weight bits are not this one's.
-            fresh = manifest["check"].get("weight_bits") == (8 if cpu_has_vnni() else 7)
+            # A graph made by another recipe, or for another kind of CPU (a
+            # cache dir copied over: its weight bits are not this one's).
+            fresh = manifest["check"].get("recipe") == recipe(8 if cpu_has_vnni() else 7)
         return manifest if fresh else None
 
     def _graph(self, checkpoint: pathlib.Path, precision: str) -> tuple[pathlib.Path, dict]:
         where = graph_dir(checkpoint, precision)
-        return where, self._manifest(checkpoint, where, precision) or self._export(checkpoint, where, precision)
+        manifest = self._manifest(checkpoint, where, precision)
+        if manifest is not None:
+            return where, manifest
+        where.parent.mkdir(parents=True, exist_ok=True)
+        # One export at a time per graph (serve and classify, or two replicas,
+        # sharing a cache dir); whoever waited reads what the other one wrote.
+        with open(where.parent / f".{where.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            manifest = self._manifest(checkpoint, where, precision)
+            if manifest is None:
+                _remove_abandoned_exports(where.parent)
+                manifest = self._export(checkpoint, where, precision)
+        return where, manifest
 
     def _export(self, checkpoint: pathlib.Path, where: pathlib.Path, precision: str) -> dict:
         log.info("exporting %s to an ONNX graph in %s (once per checkpoint%s)", checkpoint, precision,
@@ -140,8 +169,12 @@ class OnnxClassifier:
     def _choose(self, checkpoint: pathlib.Path) -> tuple[pathlib.Path, dict]:
         """The graph to serve: float32 or int8, by --quantize (auto: int8 where its export passed every bar)."""
         quantize = self.config.quantize
-        if quantize is False or (quantize is None and not (checkpoint / _BUILD_RECORD).is_file()):
-            return self._graph(checkpoint, "float32")  # auto: nobody can measure int8's accuracy on this model
+        if quantize is None and not (checkpoint / _BUILD_RECORD).is_file():
+            log.info("serving float32, not int8: the model has no held-out set to measure int8's accuracy on "
+                     "(only models tiergate built have; --quantize on serves int8 anyway)")
+            return self._graph(checkpoint, "float32")
+        if quantize is False:
+            return self._graph(checkpoint, "float32")
         try:
             where, manifest = self._graph(checkpoint, "int8")
         except OnnxUnavailable as exc:
@@ -169,6 +202,9 @@ class OnnxClassifier:
             from tokenizers import Tokenizer
         except ImportError as exc:
             raise OnnxUnavailable(f"{exc.name} is not installed") from None
+        if not (checkpoint / "tokenizer.json").is_file():  # before any export is tried
+            raise OnnxUnavailable(f"{checkpoint} has no tokenizer.json (a fast tokenizer), which the onnxruntime "
+                                  "runtime needs")
         where, manifest = self._choose(checkpoint)
         dtype = INT8_DTYPE if manifest.get("precision") == "int8" else "float32"
 

@@ -43,7 +43,7 @@ def _sources(stdlib: pathlib.Path) -> list[pathlib.Path]:
     for name in _MODULES:
         package = stdlib / name
         if package.is_dir():
-            files += sorted(p for p in package.rglob("*.py") if "test" not in p.parts and "idle_test" not in p.parts)
+            files += sorted(p for p in package.rglob("*.py") if "test" not in p.relative_to(package).parts)
         elif (stdlib / f"{name}.py").is_file():
             files.append(stdlib / f"{name}.py")
     return files
@@ -83,6 +83,7 @@ def reference_texts(count: int, long_texts: int) -> list[str]:
         raise RuntimeError(f"the standard library at {sysconfig.get_paths()['stdlib']} has too few docstrings "
                            f"({len(passages)} paragraphs) to check an int8 graph on")
     step = len(passages) / count
-    picked = [passages[int(i * step)] for i in range(count)]
-    rest = [p for i, p in enumerate(passages) if i not in {int(k * step) for k in range(count)}]
+    chosen = {int(i * step) for i in range(count)}
+    picked = [passages[i] for i in sorted(chosen)]
+    rest = [p for i, p in enumerate(passages) if i not in chosen]
     return picked + [" ".join(rest[i * 8 : i * 8 + 8]) for i in range(long_texts)]

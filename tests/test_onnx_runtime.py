@@ -93,7 +93,7 @@ def test_torch_serves_what_onnxruntime_cannot(tiny_model, tmp_path, cache_env, c
     assert "serving the model with torch: onnxruntime cannot serve it" in caplog.text
     with pytest.raises(RuntimeError, match="--runtime onnxruntime: .*tokenizer.json"):
         load_classifier(ModelConfig(source=str(model_dir), lanes=1, runtime="onnxruntime"))
-    # And what torch alone does: int8 and an explicit --runtime torch.
+    # And what torch alone serves: an explicit --runtime torch.
     assert isinstance(load_classifier(ModelConfig(source=str(tiny_model), lanes=1, runtime="torch",
                                                   torchscript=False)), SequenceClassifier)
 
@@ -140,7 +140,9 @@ def test_int8_answers_the_same_alone_and_in_any_batch_without_torch(tiny_model, 
 def test_quantize_auto_keeps_float32_for_a_model_without_a_held_out_set(tiny_model, tmp_path, cache_env, caplog):
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model, model_dir)
-    assert onnx(model_dir).info.dtype == "float32"
+    with caplog.at_level(logging.INFO):
+        assert onnx(model_dir).info.dtype == "float32"
+    assert "serving float32, not int8: the model has no held-out set" in caplog.text
     assert not graph_dir(model_dir, "int8").exists()  # not even exported: nothing could decide for it
 
 
@@ -150,11 +152,33 @@ def test_an_int8_graph_made_for_another_kind_of_cpu_is_made_again(tiny_model, tm
     first = onnx(model_dir, quantize=True)
     manifest_path = graph_dir(model_dir, "int8") / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["check"]["weight_bits"] = 15 - manifest["check"]["weight_bits"]  # 7 <-> 8: the other kind
+    bits = manifest["check"]["weight_bits"]
+    manifest["check"]["weight_bits"] = 15 - bits  # 7 <-> 8: the other kind of CPU
+    manifest["check"]["recipe"] = manifest["check"]["recipe"].replace(f"s{bits} weights", f"s{15 - bits} weights")
     manifest_path.write_text(json.dumps(manifest))
     again = onnx(model_dir, quantize=True)
     assert json.loads(manifest_path.read_text())["check"]["weight_bits"] == first.check["weight_bits"]
     assert again.info.fingerprint == first.info.fingerprint  # the same recipe here: the same answers
+    # A graph of an earlier recipe (a fixed quantizer) is made again too.
+    manifest = json.loads(manifest_path.read_text())
+    manifest["check"]["recipe"] = manifest["check"]["recipe"].replace("int8 v", "int8 v0.")
+    manifest_path.write_text(json.dumps(manifest))
+    onnx(model_dir, quantize=True)
+    assert json.loads(manifest_path.read_text())["check"]["recipe"] == first.check["recipe"]
+
+
+def test_an_export_killed_at_its_timeout_leaves_nothing_behind_for_long(tiny_model, tmp_path, cache_env):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model, model_dir)
+    where = graph_dir(model_dir)
+    where.parent.mkdir(parents=True, exist_ok=True)
+    old, recent = where.parent / ".export-killed", where.parent / ".export-running"
+    for leftover in (old, recent):
+        leftover.mkdir()
+        (leftover / "model.onnx").write_bytes(b"half a graph")
+    os.utime(old, (1, 1))  # older than any export may take
+    onnx(model_dir)
+    assert not old.exists() and recent.exists()  # another process may still be writing the recent one
 
 
 def test_the_default_model_serves_the_precision_its_export_measured(default_model_build, cache_env):
@@ -166,5 +190,25 @@ def test_the_default_model_serves_the_precision_its_export_measured(default_mode
     assert check["agreement_texts"] == 840 and check["batch_diff"] <= 1e-5
     verdict = int8_verdict(check)
     assert served.info.dtype == ("float32" if verdict else INT8_DTYPE), verdict
-    if cpu_has_vnni():  # measured on AVX-512 VNNI: 98.8% agreement, 0.3 points lost, 2.1x float32
-        assert verdict is None
+    if cpu_has_vnni():  # measured on AVX-512 VNNI, Python 3.11: 98.7% agreement, 0.3 points lost, 2.35x float32
+        # Not `verdict is None`: the docstrings, and so the agreement, change
+        # with the Python version, and 98.7% is 6 texts above the bar.
+        assert check["agreement"] >= 0.97 and check["accuracy_float32"] - check["accuracy"] <= 0.01
+
+
+def test_two_loads_of_a_new_checkpoint_at_once_export_it_once(tiny_model, tmp_path, cache_env, monkeypatch):
+    import concurrent.futures
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model, model_dir)
+    exports = []
+    real_export = OnnxClassifier._export
+
+    def counted(self, *args):
+        exports.append(args[-1])
+        return real_export(self, *args)
+
+    monkeypatch.setattr(OnnxClassifier, "_export", counted)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        loaded = list(pool.map(lambda _: onnx(model_dir).info.fingerprint, range(2)))
+    assert exports == ["float32"] and loaded[0] == loaded[1]
