@@ -5,7 +5,7 @@ Runs inside the export process (inference.onnx_export) on the float32 graph.
 Why a scale per token: dynamic int8 (torch's, onnxruntime's) takes one
 activation scale per tensor from the whole pass, so a text's answer depends
 on what else shares its batch. Fixed scales calibrated at export do not, but
-a few tokens of every text carry activations 10-100x the rest, which one
+a few tokens of every text carry activations far above the rest, which one
 fixed scale per tensor cannot hold: measured on the default model (800
 standard-library docstrings unlike its training tweets), static QDQ kept 95%
 of float32's labels, 95% with SmoothQuant (alpha 0.5-0.8) first, 98.25% only
@@ -23,7 +23,7 @@ weights cannot reach it. With VNNI (VPDPBUSD) the full 8 bits are exact. The
 graph is therefore specific to the kind of CPU it was built on, which its
 manifest records (inference.onnx_model re-exports on another kind).
 
-The pooler and the classifier stay float32 (a single row each, 0.3% of the work).
+The pooler and the classifier stay float32 (a single row per text each: a negligible share of the work).
 """
 
 from __future__ import annotations
