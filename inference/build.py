@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from inference.model import INT8_MEASURED_AS
-from inference.paths import DEFAULT_MODEL_NAME, cache_root, default_model_dir
+from inference.paths import BUILD_INFO_FILE, DEFAULT_MODEL_NAME, cache_root, default_model_dir
 
 __all__ = [
     "BUILD_INFO_FILE",
@@ -54,7 +54,6 @@ __all__ = [
 # inference.paths (the gateway imports it too) and are re-exported here.
 # Written into the checkpoint's config.json as ``config.tiergate_model_id``.
 MODEL_ID_CONFIG_ATTR = "tiergate_model_id"
-BUILD_INFO_FILE = "tiergate_build.json"
 MIN_ACCURACY = 0.84
 LABELS = ("negative", "positive")
 
@@ -161,17 +160,17 @@ def build_default_model(
     return BuildReport(out_dir, accuracy, len(held_out), len(train), seconds, accuracy_int8)
 
 
-def tweets_of_build(checkpoint: pathlib.Path) -> tuple[list[tuple[str, int]], list[tuple[str, int]]] | None:
-    """(training texts, held-out texts) of a model this module built, labeled,
-    from its build record; None for any other checkpoint, or when the
-    installed corpus is not the one it was built from."""
+def held_out_of_build(checkpoint: pathlib.Path) -> list[tuple[str, int]] | None:
+    """The held-out texts of a model this module built, labeled, from its build
+    record; None for any other checkpoint, or when the installed corpus is not
+    the one it was built from."""
     try:
         info = json.loads((pathlib.Path(checkpoint) / BUILD_INFO_FILE).read_text(encoding="utf-8"))
         corpus = _corpus_path()
         if (info["split_seed"] != SPLIT_SEED
                 or hashlib.sha256(corpus.read_bytes()).hexdigest() != info["sources"]["corpus_sha256"]):
             return None
-        return _split(_read_corpus(corpus), seed=int(info["seed"]), max_train=int(info["train_size"]))
+        return _split(_read_corpus(corpus), seed=int(info["seed"]), max_train=int(info["train_size"]))[1]
     except (OSError, ValueError, KeyError, TypeError, RuntimeError):
         return None
 

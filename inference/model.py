@@ -19,6 +19,8 @@ import threading
 import warnings
 from dataclasses import dataclass
 
+from inference.paths import BUILD_INFO_FILE
+
 __all__ = ["ModelConfig", "ModelInfo", "SequenceClassifier", "RUNTIMES", "release_freed_memory", "quantize_int8", "int8_is_safe",
            "BATCH_INVARIANCE_TOLERANCE", "INT8_MEASURED_AS"]
 
@@ -154,7 +156,7 @@ def int8_is_safe(checkpoint: pathlib.Path) -> bool:
     nobody measured what it costs them.
     """
     try:
-        info = json.loads((checkpoint / "tiergate_build.json").read_text(encoding="utf-8"))
+        info = json.loads((checkpoint / BUILD_INFO_FILE).read_text(encoding="utf-8"))
         return (info["int8_measured_as"] == INT8_MEASURED_AS
                 and info["accuracy"] - info["accuracy_int8"] <= INT8_MAX_ACCURACY_LOSS)
     except (OSError, ValueError, KeyError, TypeError):

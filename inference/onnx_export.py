@@ -39,7 +39,7 @@ import warnings
 from inference.model_record import checkpoint_signature
 from inference.probes import PROBE_TEXTS
 
-__all__ = ["export", "MANIFEST", "GRAPH", "VERSION", "CHECK_TOLERANCE", "PRECISIONS", "RUNTIME_TAGS"]
+__all__ = ["export", "softmax", "MANIFEST", "GRAPH", "VERSION", "CHECK_TOLERANCE", "PRECISIONS", "RUNTIME_TAGS"]
 
 MANIFEST = "manifest.json"
 GRAPH = "model.onnx"
@@ -93,7 +93,7 @@ def export(checkpoint: pathlib.Path, out: pathlib.Path, max_length: int, precisi
                                    f"{text[:40]!r}")
             with torch.no_grad():
                 want = torch.softmax(model(**enc).logits.float(), dim=-1).numpy()
-            got = _softmax(session.run(["logits"], _feed(enc, inputs))[0])
+            got = softmax(session.run(["logits"], _feed(enc, inputs))[0])
             worst = max(worst, float(abs(got - want).max()))
             if got.argmax() != want.argmax() or worst > CHECK_TOLERANCE:
                 raise RuntimeError(f"the exported graph's answers differ from the model's by {worst:.3g} on the "
@@ -145,7 +145,7 @@ def _feed(encoded, inputs: list[str]) -> dict:
     return {name: np.asarray(encoded[name], dtype=np.int64) for name in inputs}
 
 
-def _softmax(logits):
+def softmax(logits):
     import numpy as np
 
     exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
@@ -155,7 +155,7 @@ def _softmax(logits):
 def _export_int8(checkpoint: pathlib.Path, inputs, hf_tokenizer, max_length: int, tmp: pathlib.Path,
                  texts: list[str]) -> dict:
     """Replaces tmp/GRAPH (float32) by its int8 graph; returns the figures the manifest keeps."""
-    from inference.build import tweets_of_build
+    from inference.build import held_out_of_build
     from inference.model import BATCH_INVARIANCE_TOLERANCE
     from inference.onnx_int8 import cpu_has_vnni, quantize_per_token, recipe
 
@@ -176,9 +176,8 @@ def _export_int8(checkpoint: pathlib.Path, inputs, hf_tokenizer, max_length: int
         "agreement": float((want.argmax(axis=-1) == got.argmax(axis=-1)).mean()), "agreement_texts": len(texts),
         "agreement_max_diff": float(abs(want - got).max()), "batch_diff": batch_diff,
     }
-    tweets = tweets_of_build(checkpoint)  # (training, held-out) of a model tiergate built, else None
-    if tweets:
-        held_out = tweets[1]
+    held_out = held_out_of_build(checkpoint)  # of a model tiergate built, else None
+    if held_out:
         truth = [label for _, label in held_out]
         for name, session in (("accuracy_float32", reference), ("accuracy", int8)):
             predicted = score(session, [text for text, _ in held_out]).argmax(axis=-1)
@@ -212,7 +211,7 @@ def _score_sorted(session, hf_tokenizer, inputs, texts: list[str], per_pass: int
         rows = order[start : start + per_pass]
         enc = hf_tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=max_length,
                            return_tensors="np")
-        probabilities = _softmax(session.run(["logits"], _feed(enc, inputs))[0])
+        probabilities = softmax(session.run(["logits"], _feed(enc, inputs))[0])
         for row, i in enumerate(rows):
             out[i] = probabilities[row]
     return np.stack(out)

@@ -35,8 +35,8 @@ import time
 from inference.model import (INT8_MAX_ACCURACY_LOSS, ModelConfig, ModelInfo, _lower_thread_priority, plan_lanes,
                              texts_per_pass)
 from inference.model_record import checkpoint_signature
-from inference.onnx_export import GRAPH, MANIFEST, VERSION
-from inference.paths import cache_root
+from inference.onnx_export import GRAPH, MANIFEST, VERSION, softmax
+from inference.paths import BUILD_INFO_FILE, cache_root
 from inference.probes import PROBE_TEXTS, PROBES
 
 __all__ = ["OnnxClassifier", "OnnxUnavailable", "graph_dir", "int8_verdict", "INT8_MIN_AGREEMENT", "INT8_DTYPE"]
@@ -50,7 +50,6 @@ INT8_DTYPE = "int8-per-token"  # ModelInfo.dtype of the int8 graph (inference.on
 # data, held-out accuracy within INT8_MAX_ACCURACY_LOSS of float32's, and
 # more speed than float32 on this machine's cores.
 INT8_MIN_AGREEMENT = 0.98
-_BUILD_RECORD = "tiergate_build.json"  # inference.build.BUILD_INFO_FILE (that module is not imported here)
 
 
 def int8_verdict(check: dict) -> str | None:
@@ -169,7 +168,7 @@ class OnnxClassifier:
     def _choose(self, checkpoint: pathlib.Path) -> tuple[pathlib.Path, dict]:
         """The graph to serve: float32 or int8, by --quantize (auto: int8 where its export passed every bar)."""
         quantize = self.config.quantize
-        if quantize is None and not (checkpoint / _BUILD_RECORD).is_file():
+        if quantize is None and not (checkpoint / BUILD_INFO_FILE).is_file():
             log.info("serving float32, not int8: the model has no held-out set to measure int8's accuracy on "
                      "(only models tiergate built have; --quantize on serves int8 anyway)")
             return self._graph(checkpoint, "float32")
@@ -274,9 +273,7 @@ class OnnxClassifier:
     def _probabilities(self, encoded: dict):
         import numpy as np
 
-        logits = self._session.run(["logits"], encoded)[0].astype(np.float32)
-        exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        return exp / exp.sum(axis=-1, keepdims=True)
+        return softmax(self._session.run(["logits"], encoded)[0].astype(np.float32))
 
     def forward(self, encoded: dict) -> list[tuple[str, float]]:
         rows = len(encoded["input_ids"])

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import pathlib
 
-__all__ = ["cache_root", "default_model_dir", "DEFAULT_MODEL_NAME"]
+__all__ = ["cache_root", "default_model_dir", "DEFAULT_MODEL_NAME", "BUILD_INFO_FILE"]
 
 DEFAULT_MODEL_NAME = "tiergate-sentiment-minilm-v1"
+# The record inference.build writes into every model it builds (accuracy, held-out split).
+BUILD_INFO_FILE = "tiergate_build.json"
 
 
 def cache_root() -> pathlib.Path:
