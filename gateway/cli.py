@@ -445,6 +445,10 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "gateway":
             asyncio.run(run_gateway(args, [t.strip() for t in args.inference.split(",") if t.strip()]))
         elif args.command == "inference":
+            # transformers' fast tokenizers (the torch runtime) batch through
+            # a thread pool whose threads spin on the cores the lanes need;
+            # batches are a few texts, tokenized by one thread (as onnx_model does).
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             asyncio.run(run_inference(args))
         elif args.command == "classify":
             from gateway.classify import embedded_stack_factory, request_from_args, run_classify

@@ -259,7 +259,12 @@ class OnnxClassifier:
         """Padded int64 arrays, one per graph input (input_ids, attention_mask, token_type_ids)."""
         import numpy as np
 
-        encodings = self._tokenizer.encode_batch(texts)
+        # One text at a time, in this thread: encode_batch hands a few texts to
+        # the tokenizers thread pool, whose threads wake on other cores and
+        # spin there, taking CPU from the lanes and adding a hop to each pass
+        # (batches of 4 ~60-token texts: 80 vs 110-130 us of CPU a text).
+        encode = self._tokenizer.encode
+        encodings = [encode(text) for text in texts]
         width = max((len(e.ids) for e in encodings), default=0)
         ids = np.full((len(encodings), width), self._pad_id, dtype=np.int64)
         mask = np.zeros((len(encodings), width), dtype=np.int64)

@@ -357,3 +357,25 @@ def test_writes_beyond_max_pending_are_dropped_not_blocking(tmp_path):
         assert len(tier) == 10
     finally:
         tier.close_sync()
+
+
+def test_writes_queued_close_together_share_one_transaction(tmp_path):
+    # One wake-up of the writer (and one commit) for the writes of many
+    # misses, not one each: the writer waits write_delay_s after the first.
+    tier = LmdbTier(config(tmp_path, sync_interval_s=1.0, write_delay_s=0.2))
+    try:
+        for key in keys_for("together", 20):
+            tier.put_many_nowait([(key, b"x", FAR)])
+        assert tier.flush(10)
+        assert len(tier) == 20
+        assert tier.counters["write_transactions"] == 1
+    finally:
+        tier.close_sync()
+    tier = LmdbTier(config(tmp_path / "at-once", write_delay_s=0))
+    try:
+        for key in keys_for("apart", 3):
+            tier.put_many_nowait([(key, b"x", FAR)])
+            assert tier.flush(10)
+        assert tier.counters["write_transactions"] == 3
+    finally:
+        tier.close_sync()
