@@ -87,6 +87,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._closing = False
         self._readers: set[asyncio.Task] = set()  # of the open Score streams
         self._rejected_invalid = 0  # texts over the service's own limits
+        self._messages = self._items = 0  # Score messages received and the texts they carried
 
     def close_intake(self) -> None:
         """Score streams stop reading new texts: each answers those it holds,
@@ -107,6 +108,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         counters = dict(self._batcher.counters)
         counters["queue_depth"] = self._batcher.depth
         counters["rejected_invalid"] = self._rejected_invalid
+        counters["score_messages"] = self._messages
+        counters["score_items"] = self._items
         return counters
 
     def metric_samples(self) -> dict[str, float]:
@@ -134,6 +137,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
+                    self._messages += 1
+                    self._items += len(request.items)
                     too_many = self._limits.message_error(len(request.items))
                     for item in request.items:
                         refused = too_many or self._limits.text_error(item.text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
+import protos  # noqa: F401  (before grpc: the gRPC experiments tiergate's processes run with)
 import grpc
 import pytest
 
