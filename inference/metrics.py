@@ -28,6 +28,9 @@ INFERENCE_FAMILIES = (
            "CPU seconds of the threads that tokenize and that run the model (forward)", ("stage",)),
     Family("tiergate_inference_texts_scored", "counter", "texts the model scored"),
     Family("tiergate_inference_batches", "counter", "forward passes"),
+    Family("tiergate_inference_stream_messages", "counter",
+           "Score stream messages received from gateways (texts_received / this: texts per message)"),
+    Family("tiergate_inference_texts_received", "counter", "texts received in Score stream messages"),
     Family("tiergate_inference_batch_errors", "counter", "forward passes (or tokenizations) that failed"),
     Family("tiergate_inference_texts_dropped", "counter",
            "texts dropped before their forward pass: their deadline passed (expired) or the caller left (cancelled)",
@@ -41,6 +44,8 @@ INFERENCE_FAMILIES = (
 _COUNTER_SAMPLES = {
     "texts_scored": sample_key("tiergate_inference_texts_scored_total"),
     "batches": sample_key("tiergate_inference_batches_total"),
+    "score_messages": sample_key("tiergate_inference_stream_messages_total"),
+    "score_items": sample_key("tiergate_inference_texts_received_total"),
     "batch_errors": sample_key("tiergate_inference_batch_errors_total"),
     "dropped_expired": sample_key("tiergate_inference_texts_dropped_total", reason="expired"),
     "dropped_cancelled": sample_key("tiergate_inference_texts_dropped_total", reason="cancelled"),

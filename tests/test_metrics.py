@@ -111,6 +111,8 @@ def test_serve_shows_its_inference_child_in_the_same_scrape(procs, tmp_path, tin
                timeout_s=10)
     s = scrape(port)
     assert value(s, "tiergate_inference_texts_scored_total") == 5
+    assert value(s, "tiergate_inference_texts_received_total") == 5  # every text went over the stream once
+    assert 1 <= value(s, "tiergate_inference_stream_messages_total") <= 5
     assert value(s, "tiergate_inference_forward_seconds_count") == value(s, "tiergate_inference_batches_total") >= 1
     assert value(s, "tiergate_inference_batch_texts_sum") == 5
     assert value(s, "tiergate_inference_queue_wait_seconds_count") == 5

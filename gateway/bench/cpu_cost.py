@@ -49,6 +49,10 @@ def _stage_cpu(metrics_port: int) -> dict[str, float]:
                 out[sample.labels["stage"]] = sample.value
             elif sample.name == "tiergate_inference_texts_scored_total":
                 out["texts_scored"] = sample.value
+            elif sample.name == "tiergate_inference_stream_messages_total":
+                out["stream_messages"] = sample.value
+            elif sample.name == "tiergate_inference_texts_received_total":
+                out["texts_received"] = sample.value
     return out
 
 
@@ -68,6 +72,8 @@ def read_cpu(root_pid: int, metrics_port: int | None) -> CpuReading:
         out["tokenize"] = stages.get("tokenize", 0.0)
         out["forward"] = stages.get("forward", 0.0)
         out["texts_scored"] = stages.get("texts_scored", 0.0)
+        out["stream_messages"] = stages.get("stream_messages", 0.0)
+        out["texts_received"] = stages.get("texts_received", 0.0)
     return out
 
 
@@ -77,6 +83,8 @@ def cost_per_text(before: CpuReading, after: CpuReading, wall_s: float) -> dict 
     if "forward" not in after or texts <= 0:
         return None
     d = {k: after[k] - before.get(k, 0.0) for k in after}
+    messages = d.pop("stream_messages", 0.0)
+    received = d.pop("texts_received", 0.0)
     parts = {
         "gateway (calls, cache, stream to the model)": d["gateway"],
         "inference event loop (stream, batching, delivery)": d["inference"] - d["tokenize"] - d["forward"],
@@ -87,4 +95,5 @@ def cost_per_text(before: CpuReading, after: CpuReading, wall_s: float) -> dict 
     total = sum(parts.values())
     return {"texts": int(texts), "ms_per_text": ms, "total_ms_per_text": round(1000 * total / texts, 3),
             "stack_share": round(1 - d["forward"] / total, 4) if total > 0 else None,
-            "cores_busy": round(total / wall_s, 2) if wall_s > 0 else None}
+            "cores_busy": round(total / wall_s, 2) if wall_s > 0 else None,
+            "texts_per_message": round(received / messages, 2) if messages > 0 else None}

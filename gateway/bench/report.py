@@ -133,7 +133,9 @@ def miss_lines(results: list[ScenarioResult]) -> list[str]:
         parts = ", ".join(f"{name} {ms:.2f}" for name, ms in cpu["ms_per_text"].items())
         out.append(f"CPU per miss (ms of a core per text, {cpu['texts']} texts, {cpu['cores_busy']} cores busy): "
                    f"{parts}; total {cpu['total_ms_per_text']:.2f}, the stack's share "
-                   f"{cpu['stack_share']:.0%}")
+                   f"{cpu['stack_share']:.0%}"
+                   + (f"; {cpu['texts_per_message']:.2f} texts per stream message to the model"
+                      if cpu.get("texts_per_message") else ""))
     alone = miss.extras.get("model_alone") if miss else None
     if alone:
         share = f"; miss = {miss.texts_per_s / alone['texts_per_s']:.0%} of it" if miss.texts_per_s else ""
