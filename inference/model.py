@@ -351,6 +351,10 @@ class SequenceClassifier:
         alone = torch.cat([self._probabilities(self.tokenize([text])) for text in PROBE_TEXTS])
         return texts_per_pass((together - alone).abs().max().item())
 
+    def count_tokens(self, text: str) -> int:
+        """The tokens of one text in a pass (truncated as served): the batcher groups by it."""
+        return len(self._tokenizer(text, truncation=True, max_length=self.config.max_length)["input_ids"])
+
     def tokenize(self, texts: list[str]):
         return self._tokenizer(
             texts, padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt"

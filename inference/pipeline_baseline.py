@@ -22,7 +22,9 @@ the model as the inference service serves it (the same loader, lanes,
 threads per lane and texts per pass), every lane kept busy from a thread of
 its own with the next batch of texts (tokenize + forward, nothing else: no
 gRPC, no queue, no cache), for SECONDS after a warm-up pass per lane; prints
-texts/s. `tiergate bench` runs it in the miss scenario on the miss texts.
+texts/s. Its passes are cut as the service cuts them: texts of similar token
+counts together (within each --group-window texts), so the ceiling pads no
+more than the service does. `tiergate bench` runs it in the miss scenario on the miss texts.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def run_bare_forward(model: str, texts: list[str], warmup: int, *, quantize: boo
 
 
 def run_model_alone(model: str, texts: list[str], seconds: float, *, quantize: bool | None, runtime: str,
-                    device: str) -> dict:
+                    device: str, group_window: int = 32) -> dict:
     import itertools
     import threading
 
@@ -122,7 +124,15 @@ def run_model_alone(model: str, texts: list[str], seconds: float, *, quantize: b
     info = classifier.info
     load_s = time.perf_counter() - t0
     per_pass = BatcherConfig().for_model(info).max_batch  # the service's default texts per pass
-    batches = [texts[i:i + per_pass] for i in range(0, len(texts) - per_pass + 1, per_pass)]
+    # Passes cut as the service cuts them from a queue: texts of similar
+    # token counts together, here within each window of `group_window`
+    # texts in file order (the service groups the texts waiting at once).
+    tokens = {text: classifier.count_tokens(text) for text in texts}
+    getattr(classifier, "drop_counted", lambda: None)()  # every timed pass tokenizes its texts itself
+    ordered = []
+    for start in range(0, len(texts), max(1, group_window)):
+        ordered += sorted(texts[start:start + max(1, group_window)], key=tokens.__getitem__)
+    batches = [ordered[i:i + per_pass] for i in range(0, len(ordered) - per_pass + 1, per_pass)]
     if not batches:
         raise ValueError(f"--model-alone needs at least {per_pass} texts, got {len(texts)}")
     feed = itertools.cycle(batches)
@@ -161,7 +171,10 @@ def run_model_alone(model: str, texts: list[str], seconds: float, *, quantize: b
         took = time.perf_counter() - start
     return {
         "mode": "model-alone", "texts": sum(scored), "seconds": round(took, 3), "texts_per_s": sum(scored) / took,
-        "lanes": info.lanes, "threads": info.threads, "texts_per_pass": per_pass, "dtype": info.dtype,
+        "lanes": info.lanes, "threads": info.threads, "texts_per_pass": per_pass, "group_window": group_window,
+        "padding": round(sum(len(b) * max(tokens[t] for t in b) for b in batches)
+                         / max(1, sum(tokens[t] for b in batches for t in b)), 3),
+        "dtype": info.dtype,
         "device": info.device, "runtime": info.graph, "load_seconds": round(load_s, 3), "rss_mb": _status_mb("VmRSS"),
         "model": model, "model_id": info.model_id, "pid": os.getpid(),
     }
@@ -182,6 +195,9 @@ def main(argv: list[str] | None = None) -> None:
                    "the start of the file (default: %(default)s)")
     p.add_argument("--model-alone", type=float, metavar="SECONDS", help="instead: keep every lane of the model, "
                    "as the inference service serves it, busy with batches of the texts for SECONDS; texts/s")
+    p.add_argument("--group-window", type=int, default=32, metavar="N", help="with --model-alone: cut passes "
+                   "from texts grouped by token count within each N texts, as the service groups the texts "
+                   "waiting at once (default: %(default)s, the bench's misses in flight; 1: file order)")
     p.add_argument("--quantize", choices=("auto", "on", "off"), default="auto", help="with --bare-forward or "
                    "--model-alone: as `tiergate serve --quantize` (default: %(default)s)")
     p.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), default="auto", help="with --bare-forward "
@@ -193,7 +209,10 @@ def main(argv: list[str] | None = None) -> None:
         if not args.model_alone > 0:
             p.error(f"--model-alone must be > 0 seconds, got {args.model_alone}")
         texts = read_texts(args.texts, args.limit)
-        result = run_model_alone(args.model, texts, args.model_alone, quantize=_QUANTIZE[args.quantize], runtime=args.runtime, device=args.device)
+        if args.group_window < 1:
+            p.error(f"--group-window must be >= 1, got {args.group_window}")
+        result = run_model_alone(args.model, texts, args.model_alone, quantize=_QUANTIZE[args.quantize],
+                                 runtime=args.runtime, device=args.device, group_window=args.group_window)
         print(json.dumps(result), flush=True)
         return
     if args.bare_forward is not None:

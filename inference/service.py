@@ -246,7 +246,8 @@ class InferenceServer:
         self.model = await loop.run_in_executor(None, load_classifier, self.config.model)
         info = self.model.info
         self._batcher = DynamicBatcher(self.model.forward, self.config.batcher.for_model(info),
-                                       prepare_batch=self.model.tokenize, lanes=info.lanes)
+                                       prepare_batch=self.model.tokenize, lanes=info.lanes,
+                                       count_tokens=self.model.count_tokens)
         self._batcher.start()
         server = grpc.aio.server(options=server_options(self.config.limits.max_message_bytes()))
         self._servicer = InferenceServicer(self.model, self._batcher, self.config.limits)

@@ -80,6 +80,51 @@ def test_texts_are_grouped_by_length():
     assert set(short) in groups and set(long) in groups
 
 
+def test_texts_are_grouped_by_the_tokens_the_model_counts_not_by_words():
+    # Same words, very different token counts (as with emoji, URLs or rare
+    # words): the model's count decides the groups, not the word estimate.
+    gate = threading.Event()
+    model = RecordingModel(gate=gate)
+    texts = [f"same three words{i}" for i in range(8)]
+    tokens = {t: (10 if i % 2 else 200) for i, t in enumerate(texts)}
+
+    async def body(b):
+        futures = [b.submit(t) for t in texts]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(*futures)
+
+    async def with_counting_batcher():
+        batcher = DynamicBatcher(model, BatcherConfig(max_batch=4, max_wait_s=0.001, max_queue=64),
+                                 count_tokens=tokens.__getitem__)
+        batcher.start()
+        try:
+            await body(batcher)
+        finally:
+            await batcher.close()
+
+    run(with_counting_batcher())
+    groups = [set(b) for b in model.batches]
+    assert set(texts[1::2]) in groups and set(texts[0::2]) in groups
+
+
+def test_a_text_the_tokenizer_cannot_count_is_still_scored():
+    model = RecordingModel()
+
+    def refuse(text: str) -> int:
+        raise ValueError("cannot count")
+
+    async def body():
+        batcher = DynamicBatcher(model, BatcherConfig(max_batch=4, max_wait_s=0.001), count_tokens=refuse)
+        batcher.start()
+        try:
+            return await batcher.submit("counted by estimate")
+        finally:
+            await batcher.close()
+
+    assert run(body()) == ("COUNTED BY ESTIMATE", 19.0)
+
+
 def test_token_budget_splits_long_texts():
     model = RecordingModel()
     long = [" ".join(["word"] * 300) + str(i) for i in range(4)]  # ~400 tokens each

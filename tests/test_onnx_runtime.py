@@ -50,6 +50,23 @@ def test_the_graph_answers_as_the_model_alone_and_in_batches(tiny_model, cache_e
         assert max(abs(a - b) for (_, a), (_, b) in zip(batched, alone)) <= BATCH_INVARIANCE_TOLERANCE
 
 
+def test_counting_a_texts_tokens_changes_nothing_the_model_is_fed(tiny_model, cache_env):
+    # The batcher counts each text's tokens on arrival and the encoding is
+    # reused when the batch is tokenized: the same arrays as without counting,
+    # and the count is the text's unpadded length as served (truncated).
+    import numpy as np
+
+    graph = onnx(tiny_model)
+    texts = [*TEXTS[:3], "word " * 400]
+    plain = graph.tokenize(texts)
+    counts = [graph.count_tokens(t) for t in texts]
+    reused = graph.tokenize(texts)
+    assert set(plain) == set(reused) and all(np.array_equal(plain[k], reused[k]) for k in plain)
+    assert counts == [int(n) for n in plain["attention_mask"].sum(axis=1)]
+    assert counts[-1] == graph.config.max_length
+    assert graph.count_tokens(texts[0]) == counts[0]  # counted again: the same, kept again until tokenized
+
+
 def _served_in_a_fresh_process(model_dir, cache_dir, **config) -> tuple[str, str, str, str]:
     """(runtime, precision, the label of 'a text', the heavy modules imported) of a model loaded as the service loads it."""
     code = ("import sys; from inference.runtime import load_classifier; from inference.model import ModelConfig;"

@@ -141,7 +141,9 @@ def miss_lines(results: list[ScenarioResult]) -> list[str]:
         share = f"; miss = {miss.texts_per_s / alone['texts_per_s']:.0%} of it" if miss.texts_per_s else ""
         out.append(f"model alone (the miss scenario's ceiling: the served runtime with every lane busy, nothing else; "
                    f"{alone['dtype']} on {alone['device']}, {alone.get('runtime', '?')}, {alone['lanes']} lane(s) x "
-                   f"{alone['threads']} thread(s), {alone['texts_per_pass']} texts per pass): "
+                   f"{alone['threads']} thread(s), {alone['texts_per_pass']} texts per pass, grouped by token "
+                   f"count within {alone.get('group_window', '?')} texts: padded to {alone.get('padding', '?')}x "
+                   f"their tokens): "
                    f"{_num(alone['texts_per_s'])} texts/s{share}")
     idle = r.get("miss-idle")
     bare = idle.extras.get("bare_forward") if idle else None

@@ -267,7 +267,8 @@ def model_alone(ctx: BenchContext, texts: Path, seconds: float) -> dict:
     --model-alone), on the same texts, in a child process while the stack is idle."""
     stats = ctx.stats or {}
     argv = [sys.executable, "-m", "inference.pipeline_baseline", "--model", model_dir(ctx.config.model),
-            "--texts", str(texts), "--model-alone", f"{seconds:g}", *served_model_flags(ctx)]
+            "--texts", str(texts), "--model-alone", f"{seconds:g}",
+            "--group-window", str(ctx.config.miss_concurrency), *served_model_flags(ctx)]
     ctx.log(f"  model alone: {seconds:g}s, every lane busy, as served ({stats.get('model_dtype') or '?'} on "
             f"{stats.get('model_device') or '?'}; stack idle)")
     return {**run_baseline(ctx, argv, "model_alone.log", timeout_s=1800), "argv": argv}
