@@ -186,11 +186,13 @@ class DynamicBatcher:
     once; `prepare_batch(texts)`, if given, turns texts into its input (e.g.
     tokenizes) in a thread of its own, or in the lane's thread when a lane is
     free: it too may run in several threads at once (both runtimes' tokenizers
-    are used with fixed settings, which is safe)."""
+    are used with fixed settings, which is safe). With `prepare_inline` (a
+    prepare_batch that is cheap once count_tokens ran), batches prepared while
+    every lane is busy are prepared on the event loop instead."""
 
     def __init__(self, run_batch: ScoreBatch, config: BatcherConfig = BatcherConfig(),
                  prepare_batch: PrepareBatch | None = None, *, lanes: int = 1,
-                 count_tokens: CountTokens | None = None) -> None:
+                 count_tokens: CountTokens | None = None, prepare_inline: bool = False) -> None:
         if lanes < 1:
             raise ValueError(f"lanes must be >= 1, got {lanes}")
         if config.max_batch is None:
@@ -198,6 +200,7 @@ class DynamicBatcher:
         self._run_batch = run_batch
         self._prepare_batch = prepare_batch
         self._count_tokens = count_tokens  # a text's tokens as the model counts them (else estimate_tokens)
+        self._prepare_inline = prepare_inline
         self.config = config
         self.lanes = lanes
         self._queue: list[_Waiting] = []
@@ -334,6 +337,11 @@ class DynamicBatcher:
         if self._prepare_batch is None:
             return texts
         try:
+            if self._prepare_inline:
+                # Counting already encoded the texts: what is left (padding a
+                # few arrays, tens of microseconds) costs less than the two
+                # thread wake-ups of a trip to the tokenize thread.
+                return self.metrics.timed("tokenize", self._prepare_batch, texts)
             return await loop.run_in_executor(self._prepare_executor, self.metrics.timed, "tokenize",
                                               self._prepare_batch, texts)
         except Exception as exc:

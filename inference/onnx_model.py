@@ -104,6 +104,8 @@ _ENCODED_KEPT = 8192  # encodings kept between count_tokens and tokenize (the qu
 
 
 class OnnxClassifier:
+    encodes_when_counting = True  # count_tokens keeps the encoding: tokenize then only pads (cheap)
+
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
         self.info: ModelInfo | None = None

@@ -247,7 +247,8 @@ class InferenceServer:
         info = self.model.info
         self._batcher = DynamicBatcher(self.model.forward, self.config.batcher.for_model(info),
                                        prepare_batch=self.model.tokenize, lanes=info.lanes,
-                                       count_tokens=self.model.count_tokens)
+                                       count_tokens=self.model.count_tokens,
+                                       prepare_inline=getattr(self.model, "encodes_when_counting", False))
         self._batcher.start()
         server = grpc.aio.server(options=server_options(self.config.limits.max_message_bytes()))
         self._servicer = InferenceServicer(self.model, self._batcher, self.config.limits)
