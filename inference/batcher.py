@@ -272,7 +272,8 @@ class DynamicBatcher:
     def _cost(self, text: str) -> int:
         if self._count_tokens is not None:
             try:
-                return self._count_tokens(text)
+                # Counted as tokenizing: with onnxruntime this is the text's encoding.
+                return self.metrics.timed("tokenize", self._count_tokens, text)
             except Exception as exc:  # grouping is an optimisation: never refuse a text for it
                 log.debug("counting tokens failed, estimating: %r", exc)
         return estimate_tokens(text)
