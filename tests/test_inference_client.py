@@ -5,6 +5,7 @@ service is in the e2e tests)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import grpc
@@ -35,9 +36,10 @@ class ScriptedService(inference_pb2_grpc.InferenceServicer):
                     fingerprint="f" * 16, queue_depth=self.depth)
 
 
-async def _first_message_after_warm_up(depth: int, texts: int, gap_s: float) -> tuple[int, list]:
-    """Texts sent one every gap_s after one warm-up text (which tells the
-    client the service's depth): how many the first message after it held."""
+@contextlib.asynccontextmanager
+async def scripted_client(depth: int):
+    """A connected InferenceClient and its ScriptedService, after one warm-up
+    text (whose answer tells the client the service's queue depth)."""
     service = ScriptedService(depth)
     server = grpc.aio.server()
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
@@ -48,15 +50,21 @@ async def _first_message_after_warm_up(depth: int, texts: int, gap_s: float) -> 
     try:
         await client.wait_connected(10)
         await client.score(["warm-up"], None)
+        yield client, service
+    finally:
+        await client.close()
+        await server.stop(0)
+
+
+async def _first_message_after_warm_up(depth: int, texts: int, gap_s: float) -> tuple[int, list]:
+    """Texts sent one every gap_s after the warm-up: how many the first message after it held."""
+    async with scripted_client(depth) as (client, service):
         calls = []
         for i in range(texts):
             calls.append(asyncio.ensure_future(client.score([f"text {i}"], None)))
             await asyncio.sleep(gap_s)
         outcomes = [outcome for call in calls for outcome in await call]
         return service.messages[1], outcomes
-    finally:
-        await client.close()
-        await server.stop(0)
 
 
 def test_texts_go_out_at_once_while_the_service_has_no_backlog():
@@ -77,20 +85,8 @@ def test_texts_share_a_message_while_the_service_reports_a_backlog():
 def test_a_held_text_still_meets_a_short_deadline_it_can_meet(depth):
     # The hold is a few ms: a caller with a 1 s deadline is answered either way.
     async def run() -> list:
-        service = ScriptedService(depth)
-        server = grpc.aio.server()
-        inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        client = InferenceClient(f"127.0.0.1:{port}")
-        client.start()
-        try:
-            await client.wait_connected(10)
-            await client.score(["warm-up"], None)
+        async with scripted_client(depth) as (client, _service):
             return await client.score(["soon"], time.monotonic() + 1.0)
-        finally:
-            await client.close()
-            await server.stop(0)
 
     (outcome,) = asyncio.run(run())
     assert isinstance(outcome, Scored)
