@@ -23,7 +23,7 @@ INFERENCE_FAMILIES = (
     Family("tiergate_inference_forward_seconds", "histogram", "duration of one forward pass (one batch)"),
     Family("tiergate_inference_batch_texts", "histogram", "texts per forward pass"),
     Family("tiergate_inference_batch_tokens", "histogram",
-           "padded tokens per forward pass (texts x the longest text's estimated tokens)"),
+           "padded tokens per forward pass (texts x the longest text's tokens, as the model's tokenizer counts them)"),
     Family("tiergate_inference_cpu_seconds", "counter",
            "CPU seconds of the threads that tokenize and that run the model (forward)", ("stage",)),
     Family("tiergate_inference_texts_scored", "counter", "texts the model scored"),
