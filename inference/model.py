@@ -242,6 +242,8 @@ def texts_per_pass(worst: float) -> int | None:
 
 
 class SequenceClassifier:
+    encodes_when_counting = False  # tokenize() tokenizes the batch: keep it off the event loop
+
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
         self.info: ModelInfo | None = None
@@ -352,8 +354,12 @@ class SequenceClassifier:
         return texts_per_pass((together - alone).abs().max().item())
 
     def count_tokens(self, text: str) -> int:
-        """The tokens of one text in a pass (truncated as served): the batcher groups by it."""
+        """The tokens of one text in a pass (truncated as served): the batcher
+        groups by it. Nothing is kept: tokenize() encodes the batch again."""
         return len(self._tokenizer(text, truncation=True, max_length=self.config.max_length)["input_ids"])
+
+    def drop_counted(self) -> None:
+        """Nothing to forget (count_tokens keeps nothing); as OnnxClassifier.drop_counted."""
 
     def tokenize(self, texts: list[str]):
         return self._tokenizer(

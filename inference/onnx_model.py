@@ -265,8 +265,9 @@ class OnnxClassifier:
         """The tokens of one text in a pass (truncated as served): the batcher
         groups by it. The encoding is kept for tokenize(), which would
         otherwise encode the text again (a text is counted when it arrives and
-        tokenized when its batch is cut, in another thread; dict operations
-        are atomic, and a text whose encoding is gone is simply encoded)."""
+        tokenized when its batch is cut, maybe in another thread; dict
+        operations are atomic, and a text whose encoding is gone is simply
+        encoded)."""
         encoding = self._tokenizer.encode(text)
         if len(self._encoded) >= _ENCODED_KEPT:
             self._encoded.clear()  # texts counted but never tokenized (dropped, expired) do not pile up

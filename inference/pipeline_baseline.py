@@ -128,10 +128,10 @@ def run_model_alone(model: str, texts: list[str], seconds: float, *, quantize: b
     # token counts together, here within each window of `group_window`
     # texts in file order (the service groups the texts waiting at once).
     tokens = {text: classifier.count_tokens(text) for text in texts}
-    getattr(classifier, "drop_counted", lambda: None)()  # every timed pass tokenizes its texts itself
+    classifier.drop_counted()  # every timed pass tokenizes its texts itself
     ordered = []
-    for start in range(0, len(texts), max(1, group_window)):
-        ordered += sorted(texts[start:start + max(1, group_window)], key=tokens.__getitem__)
+    for start in range(0, len(texts), group_window):
+        ordered += sorted(texts[start:start + group_window], key=tokens.__getitem__)
     batches = [ordered[i:i + per_pass] for i in range(0, len(ordered) - per_pass + 1, per_pass)]
     if not batches:
         raise ValueError(f"--model-alone needs at least {per_pass} texts, got {len(texts)}")

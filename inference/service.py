@@ -248,7 +248,7 @@ class InferenceServer:
         self._batcher = DynamicBatcher(self.model.forward, self.config.batcher.for_model(info),
                                        prepare_batch=self.model.tokenize, lanes=info.lanes,
                                        count_tokens=self.model.count_tokens,
-                                       prepare_inline=getattr(self.model, "encodes_when_counting", False))
+                                       prepare_inline=self.model.encodes_when_counting)
         self._batcher.start()
         server = grpc.aio.server(options=server_options(self.config.limits.max_message_bytes()))
         self._servicer = InferenceServicer(self.model, self._batcher, self.config.limits)
