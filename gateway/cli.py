@@ -11,7 +11,7 @@ import sys
 
 __all__ = ["main", "build_parser"]
 
-from gateway import cli_security
+from gateway import cli_security, event_loop
 from gateway.lifecycle import DrainConfig, StopSignals, drain_and_stop, exit_with_parent, reload_on_sighup
 from protos.logs import FORMAT_ENV, FORMATS, configure_logging
 from inference.model import MAX_AUTO_LANES, RUNTIMES  # light: torch loads only when a model does
@@ -440,21 +440,23 @@ def main(argv: list[str] | None = None) -> None:
     os.environ[FORMAT_ENV] = args.log_format  # the processes this one starts log alike
     configure_logging(args.log_level, args.log_format)
     try:
+        if args.command in ("serve", "gateway", "inference"):
+            log.info("event loop: %s", event_loop.loop_name())  # a bad $TIERGATE_EVENT_LOOP fails here
         if args.command == "serve":
-            asyncio.run(run_serve(args))
+            event_loop.run(run_serve(args))
         elif args.command == "gateway":
-            asyncio.run(run_gateway(args, [t.strip() for t in args.inference.split(",") if t.strip()]))
+            event_loop.run(run_gateway(args, [t.strip() for t in args.inference.split(",") if t.strip()]))
         elif args.command == "inference":
             # transformers' fast tokenizers (the torch runtime) batch through
             # a thread pool whose threads spin on the cores the lanes need;
             # batches are a few texts, tokenized by one thread (as onnx_model does).
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            asyncio.run(run_inference(args))
+            event_loop.run(run_inference(args))
         elif args.command == "classify":
             from gateway.classify import embedded_stack_factory, request_from_args, run_classify
 
             stack = embedded_stack_factory(args, _model_args(args), gateway_config(args, []), args.log_level)
-            sys.exit(asyncio.run(run_classify(request_from_args(args, _classify_security(args)), stack)))
+            sys.exit(event_loop.run(run_classify(request_from_args(args, _classify_security(args)), stack)))
         elif args.command == "model":
             from inference.build import build_default_model, default_model_dir
 

@@ -33,6 +33,7 @@ import sys
 import tempfile
 from typing import Callable
 
+from gateway import event_loop
 from gateway.children import Child, keep_restarting
 from gateway.lifecycle import DrainConfig, StopSignals, drain_and_stop, exit_with_parent, reload_on_sighup
 from gateway.server import GatewayConfig, GatewayServer
@@ -135,7 +136,7 @@ def main() -> None:
     config, drain, log_level = pickle.loads(sys.stdin.buffer.read())  # from worker 0, see _worker
     configure_logging(log_level, tag=f"worker-{os.getpid()}")  # the format: $TIERGATE_LOG_FORMAT, set by the CLI
     try:
-        asyncio.run(_worker_main(config, drain))
+        event_loop.run(_worker_main(config, drain))  # the loop worker 0 runs: $TIERGATE_EVENT_LOOP is inherited
     except KeyboardInterrupt:
         pass
 
