@@ -178,22 +178,32 @@ class TieredCache:
         return count
 
     def refresh_filter(self) -> int:
-        """Add keys written to L2 since the last refresh (by any process on the
-        host), at most filter_refresh_max per call; returns how many."""
+        """Learn the keys written to L2 since the last refresh (by any process
+        on the host), at most filter_refresh_max per call; returns how many
+        were read."""
+        return self._refresh_filter_page()[0]
+
+    def _refresh_filter_page(self) -> tuple[int, int]:
+        """(keys read, keys added to the filter)."""
         if self.l2 is None or self.key_filter is None:
-            return 0
+            return 0, 0
         try:
             keys, self._filter_pos = self.l2.keys_written_since(
                 self._filter_since, self.options.filter_refresh_max, after=self._filter_pos
             )
         except Exception as exc:  # an L2 problem must not fail requests
             self._tier_error("l2 refresh", exc)
-            return 0
-        add = self.key_filter.add
+            return 0, 0
+        # A key L1 holds went into the filter as it got there (found in L2, or
+        # written to L2 by this process), and most keys read back are this
+        # process's own writes: skip them, a Bloom add is a dozen hashes in Python.
+        add, held, added = self.key_filter.add, self.l1, 0
         for key in keys:
-            add(key)
+            if key not in held:
+                add(key)
+                added += 1
         self.counters["filter_refreshed"] += len(keys)
-        return len(keys)
+        return len(keys), added
 
     # -- lookups --------------------------------------------------------------
 
@@ -379,10 +389,13 @@ class TieredCache:
                 # processes of this host wrote to L2 since the last refresh (a
                 # read of the age index's recent tail, a cursor seek when there
                 # is nothing new); otherwise a text another worker just scored
-                # would be scored again.
-                while self.refresh_filter() >= self.options.filter_refresh_max:
-                    pass
-                ask = [i for i in todo if kf.might_contain(keys[i])]
+                # would be scored again. Asked again only if that taught the filter a key.
+                learned, read = 0, self.options.filter_refresh_max
+                while read >= self.options.filter_refresh_max:
+                    read, added = self._refresh_filter_page()
+                    learned += added
+                if learned:
+                    ask = [i for i in todo if kf.might_contain(keys[i])]
             self.counters["filter_skips_l2"] += len(todo) - len(ask)
         else:
             ask = todo

@@ -515,6 +515,58 @@ def test_warm_filter_and_refresh_learn_l2_keys(tmp_path):
     asyncio.run(main())
 
 
+class CountingFilter(KeyFilter):
+    """A KeyFilter that counts what it is asked (its answers are KeyFilter's)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.adds: list[bytes] = []
+        self.asked = 0
+
+    def add(self, key: bytes) -> None:
+        self.adds.append(key)
+        super().add(key)
+
+    def might_contain(self, key: bytes) -> bool:
+        self.asked += 1
+        return super().might_contain(key)
+
+
+def test_the_filter_learns_other_processes_keys_without_redoing_this_process_own(tmp_path):
+    # The filter's hashing is pure Python: a miss should not pay for this
+    # process's own writes twice (added when written, again when read back
+    # from L2's age index), nor ask the filter again when a refresh taught it nothing.
+    async def main():
+        l2 = l2_tier(tmp_path)
+        kf = CountingFilter(1000)
+        up = FakeUpstream()
+        cache = TieredCache(l1_tier(), up, l2, None, kf, CacheOptions(filter_refresh_s=3600))
+        try:
+            await cache.resolve([key("mine")], ["mine"], MODEL, soon())
+            assert l2.flush(5)
+            assert kf.adds == [key("mine")]  # once, as it was written
+            assert cache.refresh_filter() == 1  # read back from the age index...
+            assert kf.adds == [key("mine")]  # ...but not added again
+
+            # A miss after a refresh that learned nothing: the filter is asked once.
+            kf.asked = 0
+            assert (await cache.resolve([key("new")], ["new"], MODEL, soon()))[0].source is Source.MODEL
+            assert kf.asked == 1
+
+            # Another process's write is learned on the next miss's refresh, and served from L2.
+            l2.put_many_nowait([value("theirs")])  # written behind the cache's back, as by another worker
+            assert l2.flush(5)
+            kf.asked = 0
+            assert (await cache.resolve([key("theirs")], ["theirs"], MODEL, soon()))[0].source is Source.L2
+            assert key("theirs") in kf.adds
+            assert kf.asked == 2  # no, refresh (learned a key), yes
+            assert up.calls == [["mine"], ["new"]]
+        finally:
+            await cache.close()
+
+    asyncio.run(main())
+
+
 def test_close_waits_for_background_l3_writes(redis_server):
     async def main():
         cache = TieredCache(l1_tier(), FakeUpstream(), None, l3_tier(redis_server))
