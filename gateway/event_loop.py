@@ -3,11 +3,13 @@ installed (a dependency on Linux and macOS), else asyncio's own.
 
 Why: at a few hundred misses a second the gateway's CPU is mostly per-call
 overhead, and asyncio's pure-Python loop (_run_once, call_soon, timers) is
-about a tenth of it. Two stacks side by side on a 2-core EPYC VM, misses at
-c=32 alternated for 8 s, 3 rounds: the gateway spent 1.05-1.12 ms of a core
-per miss on uvloop against 1.15-1.23 ms on asyncio's loop; one caller at a
-time, the stack added 2.71-2.97 ms to each forward pass against 3.00-3.19 ms.
-grpc.aio needs only add_reader from the loop, which uvloop has.
+about a tenth of it. Two stacks of the same code side by side on a 2-core
+EPYC VM, one on each loop, misses at c=32 alternated for 8 s, 5 rounds: the
+gateway spent 1.00-1.13 ms of a core per miss on uvloop (mean 1.06) against
+1.01-1.20 (mean 1.12) on asyncio's loop, the same texts/s within 1%; one
+caller at a time, 4 rounds, the stack added 2.89-3.75 ms to each forward
+pass against 2.99-5.23 ms, less in every round. grpc.aio needs only
+add_reader from the loop, which uvloop has.
 
 $TIERGATE_EVENT_LOOP picks it: unset or "auto" (uvloop where installed),
 "uvloop" (fail when it is not), "asyncio" (asyncio's own loop).
