@@ -42,6 +42,11 @@ __all__ = ["BatcherConfig", "DynamicBatcher", "default_max_batch", "QueueFull", 
 
 log = logging.getLogger(__name__)
 
+# A window with less than this left is closed at once: uvloop wakes up again
+# and again for a timer under a millisecond (measured: 22 turns for 0.4 ms),
+# and asyncio's own loop oversleeps it by about a millisecond anyway.
+_TIMER_SLACK_S = 0.001
+
 ScoreBatch = Callable[[Any], list[tuple[str, float]]]
 PrepareBatch = Callable[[list[str]], Any]
 CountTokens = Callable[[str], int]
@@ -131,7 +136,7 @@ class _Waiting:
     text: str
     cost: int
     future: asyncio.Future
-    deadline: float | None  # loop.time() after which the text is not worth scoring
+    deadline: float | None  # time.monotonic() after which the text is not worth scoring
     arrived: float
 
 
@@ -257,7 +262,7 @@ class DynamicBatcher:
                 f"inference queue holds {self.expected_wait_s():.1f} s of model work "
                 f"(limit {self.config.max_queue_wait_s:g} s)"
             )
-        now = loop.time()
+        now = time.monotonic()  # not loop.time(): uvloop's counts whole milliseconds
         if self._last_arrival is not None:
             self._gap_s = 0.7 * self._gap_s + 0.3 * min(now - self._last_arrival, 10.0)
         self._last_arrival = now
@@ -288,10 +293,10 @@ class DynamicBatcher:
                 continue
             if len(self._queue) < cfg.max_batch:
                 self._full.clear()
-                delay = self._queue[0].arrived + cfg.max_wait_s - loop.time()
+                delay = self._queue[0].arrived + cfg.max_wait_s - time.monotonic()
                 if not self._lanes_busy() and self._gap_s > cfg.max_wait_s:
                     delay = 0  # texts arrive further apart than the window: waiting only adds latency
-                if delay > 0:  # the first text waits a little for company
+                if delay > _TIMER_SLACK_S:  # the first text waits a little for company
                     try:
                         await asyncio.wait_for(self._full.wait(), delay)
                     except TimeoutError:
@@ -303,7 +308,7 @@ class DynamicBatcher:
                     await asyncio.wait({full, *self._forwards}, return_when=asyncio.FIRST_COMPLETED)
                     full.cancel()
                     continue
-            batch = self._take_batch(loop.time())
+            batch = self._take_batch(time.monotonic())
             if not batch:
                 continue
             if not self._lanes_busy():
@@ -320,7 +325,7 @@ class DynamicBatcher:
                 # At most `lanes` batches in the model at a time; _score never raises.
                 await asyncio.wait(self._forwards, return_when=asyncio.FIRST_COMPLETED)
                 # Texts may have expired or been cancelled while the model was busy.
-                live = [w for w in batch if not self._drop_if_dead(w, loop.time())]
+                live = [w for w in batch if not self._drop_if_dead(w, time.monotonic())]
                 if len(live) < len(batch):
                     batch = live
                     prepared = await self._prepare(loop, batch) if batch else None
@@ -366,7 +371,7 @@ class DynamicBatcher:
                 w.future.set_exception(exc)
 
     async def _score(self, loop: asyncio.AbstractEventLoop, batch: list[_Waiting], prepared) -> None:
-        started = loop.time()
+        started = time.monotonic()
         try:
             if prepared is _UNPREPARED:
                 results, tokenizing = await loop.run_in_executor(self._executor, self._prepare_and_run,
@@ -380,7 +385,7 @@ class DynamicBatcher:
         except Exception as exc:
             self._fail(batch, exc, "tokenizing or scoring" if prepared is _UNPREPARED else "scoring")
             return
-        took = max(loop.time() - started, 1e-6)
+        took = max(time.monotonic() - started, 1e-6)
         self.metrics.batch_done(batch, started, took)
         rate = len(batch) / took
         self._texts_per_s = rate if not self._texts_per_s else 0.8 * self._texts_per_s + 0.2 * rate
