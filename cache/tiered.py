@@ -102,6 +102,7 @@ _COUNTERS = (
 )  # fmt: skip
 
 _SHUTTING_DOWN = "the gateway is shutting down; retry on another instance"
+_OWN_WRITES_KEPT = 16384  # keys this process wrote to L2 and a refresh has not read back yet
 
 
 class TieredCache:
@@ -140,6 +141,7 @@ class TieredCache:
         self._refresh_due = time.monotonic() + (options.filter_refresh_s or 0.0)
         self._filter_since = int(l2.clock()) if l2 is not None else 0
         self._filter_pos: bytes | None = None  # where the last refresh stopped in L2's age index
+        self._own_writes: set[bytes] = set()  # added to the filter by _write_l2, not yet read back by a refresh
 
     @property
     def pending(self) -> int:
@@ -194,12 +196,13 @@ class TieredCache:
         except Exception as exc:  # an L2 problem must not fail requests
             self._tier_error("l2 refresh", exc)
             return 0, 0
-        # A key L1 holds went into the filter as it got there (found in L2, or
-        # written to L2 by this process), and most keys read back are this
-        # process's own writes: skip them, a Bloom add is a dozen hashes in Python.
-        add, held, added = self.key_filter.add, self.l1, 0
+        # Most keys read back are this process's own writes, added as they
+        # were written: skip each once (a Bloom add is a dozen hashes in Python).
+        add, own, added = self.key_filter.add, self._own_writes, 0
         for key in keys:
-            if key not in held:
+            if key in own:
+                own.discard(key)
+            else:
                 add(key)
                 added += 1
         self.counters["filter_refreshed"] += len(keys)
@@ -505,8 +508,12 @@ class TieredCache:
         self.counters["writes_l2"] += len(items)
         kf = self.key_filter
         if kf is not None:
+            own = self._own_writes
+            if len(own) > _OWN_WRITES_KEPT:
+                own.clear()  # writes L2 dropped are never read back; the cost is only adds done twice
             for key, _value, _expires in items:
                 kf.add(key)
+                own.add(key)
 
     def _write_l3(self, items: list[tuple[bytes, bytes, float]]) -> None:
         l3 = self.l3

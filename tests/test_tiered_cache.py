@@ -561,6 +561,14 @@ def test_the_filter_learns_other_processes_keys_without_redoing_this_process_own
             assert key("theirs") in kf.adds
             assert kf.asked == 2  # no, refresh (learned a key), yes
             assert up.calls == [["mine"], ["new"]]
+
+            # A key this process holds in L1 but did not write (say one whose
+            # filter generation was dropped meanwhile), written by another worker: learned too.
+            cache.l1.put(key("hot"), Entry(label_for("hot"), score_for("hot"), time.time() + DAY), MODEL)
+            l2.put_many_nowait([value("hot")])
+            assert l2.flush(5)
+            assert cache.refresh_filter() == 1
+            assert kf.adds[-1] == key("hot")
         finally:
             await cache.close()
 
