@@ -440,8 +440,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ[FORMAT_ENV] = args.log_format  # the processes this one starts log alike
     configure_logging(args.log_level, args.log_format)
     try:
-        if args.command in ("serve", "gateway", "inference"):
-            log.info("event loop: %s", event_loop.loop_name())  # a bad $TIERGATE_EVENT_LOOP fails here
+        if args.command in ("serve", "gateway", "inference", "classify"):
+            event_loop.loop_factory()  # a bad $TIERGATE_EVENT_LOOP fails here, before any work
         if args.command == "serve":
             event_loop.run(run_serve(args))
         elif args.command == "gateway":

@@ -18,11 +18,14 @@ $TIERGATE_EVENT_LOOP picks it: unset or "auto" (uvloop where installed),
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["ENV", "EventLoopChoiceError", "loop_factory", "loop_name", "run"]
+__all__ = ["ENV", "EventLoopChoiceError", "loop_factory", "loop_name", "run", "running_loop_name"]
+
+log = logging.getLogger("tiergate")
 
 ENV = "TIERGATE_EVENT_LOOP"
 _CHOICES = ("auto", "uvloop", "asyncio")
@@ -67,12 +70,28 @@ def loop_name() -> str:
     return f"uvloop {uvloop.__version__}"
 
 
+def running_loop_name() -> str:
+    """The loop this coroutine runs on, as loop_name() says it: what is, not what was asked."""
+    loop = asyncio.get_running_loop()
+    if type(loop).__module__.split(".")[0] == "uvloop":
+        import uvloop
+
+        return f"uvloop {uvloop.__version__}"
+    return "asyncio"
+
+
+async def _announced(main: Coroutine[Any, Any, T]) -> T:
+    log.info("event loop: %s", running_loop_name())
+    return await main
+
+
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """asyncio.run(main) on the chosen loop (same Ctrl-C and cleanup behaviour)."""
+    """asyncio.run(main) on the chosen loop (same Ctrl-C and cleanup
+    behaviour); logs which loop it is at INFO as it starts."""
     try:
         factory = loop_factory()
     except EventLoopChoiceError:
         main.close()  # never awaited: no "coroutine was never awaited" warning on top of the error
         raise
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main)
+        return runner.run(_announced(main))
