@@ -142,6 +142,7 @@ class TieredCache:
         self._filter_since = int(l2.clock()) if l2 is not None else 0
         self._filter_pos: bytes | None = None  # where the last refresh stopped in L2's age index
         self._own_writes: set[bytes] = set()  # added to the filter by _write_l2, not yet read back by a refresh
+        self._own_generation = key_filter.generations if key_filter is not None else 0
 
     @property
     def pending(self) -> int:
@@ -198,7 +199,13 @@ class TieredCache:
             return 0, 0
         # Most keys read back are this process's own writes, added as they
         # were written: skip each once (a Bloom add is a dozen hashes in Python).
-        add, own, added = self.key_filter.add, self._own_writes, 0
+        # Once the filter rotates, an own write never read back (L2 dropped it)
+        # may be gone from it with its generation: forget them all then.
+        kf = self.key_filter
+        if kf.generations != self._own_generation:
+            self._own_writes.clear()
+            self._own_generation = kf.generations
+        add, own, added = kf.add, self._own_writes, 0
         for key in keys:
             if key in own:
                 own.discard(key)

@@ -165,7 +165,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-tokens", type=_positive_int, default=8192,
                    help="padded tokens per model call (default: %(default)s)")
     g.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="how long a batch waits for more texts after its first (default: %(default)s)")
+                   help="how long a batch waits for more texts after its first; 0: not at all; a wait under 1 ms "
+                   "is timed as 1 ms (default: %(default)s)")
     g.add_argument("--max-queue", type=_positive_int, default=2048,
                    help="texts waiting for the model; more: RESOURCE_EXHAUSTED (default: %(default)s)")
     g.add_argument("--max-queue-wait-ms", type=_positive_int, default=1000,

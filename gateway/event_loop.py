@@ -72,12 +72,11 @@ def loop_name() -> str:
 
 def running_loop_name() -> str:
     """The loop this coroutine runs on, as loop_name() says it: what is, not what was asked."""
-    loop = asyncio.get_running_loop()
-    if type(loop).__module__.split(".")[0] == "uvloop":
+    try:
         import uvloop
-
-        return f"uvloop {uvloop.__version__}"
-    return "asyncio"
+    except ImportError:
+        return "asyncio"
+    return f"uvloop {uvloop.__version__}" if isinstance(asyncio.get_running_loop(), uvloop.Loop) else "asyncio"
 
 
 async def _announced(main: Coroutine[Any, Any, T]) -> T:

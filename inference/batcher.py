@@ -42,10 +42,10 @@ __all__ = ["BatcherConfig", "DynamicBatcher", "default_max_batch", "QueueFull", 
 
 log = logging.getLogger(__name__)
 
-# A window with less than this left is closed at once: uvloop wakes up again
-# and again for a timer under a millisecond (measured: 22 turns for 0.4 ms),
-# and asyncio's own loop oversleeps it by about a millisecond anyway.
-_TIMER_SLACK_S = 0.001
+# The shortest timer the batching window sets: uvloop wakes up again and
+# again for one under a millisecond (measured: 22 turns for 0.4 ms), and
+# asyncio's own loop oversleeps such a timer by about a millisecond anyway.
+_MIN_TIMER_S = 0.001
 
 ScoreBatch = Callable[[Any], list[tuple[str, float]]]
 PrepareBatch = Callable[[list[str]], Any]
@@ -296,9 +296,9 @@ class DynamicBatcher:
                 delay = self._queue[0].arrived + cfg.max_wait_s - time.monotonic()
                 if not self._lanes_busy() and self._gap_s > cfg.max_wait_s:
                     delay = 0  # texts arrive further apart than the window: waiting only adds latency
-                if delay > _TIMER_SLACK_S:  # the first text waits a little for company
+                if delay > 0:  # the first text waits a little for company
                     try:
-                        await asyncio.wait_for(self._full.wait(), delay)
+                        await asyncio.wait_for(self._full.wait(), max(delay, _MIN_TIMER_S))
                     except TimeoutError:
                         pass
                     continue

@@ -115,7 +115,8 @@ def test_serve_answers_misses_and_hits_on_either_loop(procs, connect, tmp_path, 
 def test_a_bad_choice_stops_the_command_with_a_clear_error(tiny_model, tmp_path, command):
     done = subprocess.run([sys.executable, "-m", "gateway", *command, *(["--model", str(tiny_model)] if command[0] in ("inference", "serve") else [])],
                           input="text\nhello\n", capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "TIERGATE_CACHE_DIR": str(tmp_path), event_loop.ENV: "fast"})
+                          env={**os.environ, "TIERGATE_CACHE_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1",
+                               "TRANSFORMERS_OFFLINE": "1", event_loop.ENV: "fast"})
     assert done.returncode == 1, done.stdout + done.stderr
     assert (f"tiergate {command[0]}: error: $TIERGATE_EVENT_LOOP must be one of auto, uvloop, asyncio; got 'fast'"
             in done.stderr), done.stderr

@@ -569,7 +569,40 @@ def test_the_filter_learns_other_processes_keys_without_redoing_this_process_own
             assert l2.flush(5)
             assert cache.refresh_filter() == 1
             assert kf.adds[-1] == key("hot")
+
+            # An own write, read back once, then rewritten by another worker: learned again.
+            l2.put_many_nowait([value("mine")])
+            assert l2.flush(5)
+            assert cache.refresh_filter() == 1
+            assert kf.adds[-1] == key("mine")
         finally:
+            await cache.close()
+
+    asyncio.run(main())
+
+
+def test_an_own_write_l2_dropped_is_not_skipped_once_the_filter_rotated(tmp_path):
+    # A write L2 never stored is never read back. Once the filter drops the
+    # generation that held it, a refresh must learn the key again when
+    # another worker writes it, or this process would skip L2 for it.
+    async def main():
+        l2 = l2_tier(tmp_path)
+        kf = CountingFilter(2)  # a generation every 2 keys
+        cache = TieredCache(l1_tier(), FakeUpstream(), l2, None, kf, CacheOptions(filter_refresh_s=None))
+        stored = l2.put_many_nowait
+        try:
+            l2.put_many_nowait = lambda items: None  # dropped, as by a full write queue
+            await cache.resolve([key("lost")], ["lost"], MODEL, soon())
+            l2.put_many_nowait = stored
+            for i in range(4):
+                kf.add(key(f"filler {i}"))  # two rotations: the generation that held "lost" is gone
+            assert not kf.might_contain(key("lost"))
+            l2.put_many_nowait([value("lost")])  # another worker scores and stores it
+            assert l2.flush(5)
+            cache.refresh_filter()
+            assert kf.might_contain(key("lost"))
+        finally:
+            l2.put_many_nowait = stored
             await cache.close()
 
     asyncio.run(main())
