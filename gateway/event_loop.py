@@ -60,23 +60,26 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def loop_name() -> str:
-    """e.g. "uvloop 0.23.0" or "asyncio": the loop run() would use."""
-    factory = loop_factory()
-    if factory is None:
+def _label(on_uvloop: bool) -> str:
+    if not on_uvloop:
         return "asyncio"
     import uvloop
 
     return f"uvloop {uvloop.__version__}"
 
 
+def loop_name() -> str:
+    """e.g. "uvloop 0.23.0" or "asyncio": the loop run() would use."""
+    return _label(loop_factory() is not None)
+
+
 def running_loop_name() -> str:
-    """The loop this coroutine runs on, as loop_name() says it: what is, not what was asked."""
+    """The loop this coroutine runs on, named as loop_name() does: what is, not what was asked."""
     try:
         import uvloop
     except ImportError:
         return "asyncio"
-    return f"uvloop {uvloop.__version__}" if isinstance(asyncio.get_running_loop(), uvloop.Loop) else "asyncio"
+    return _label(isinstance(asyncio.get_running_loop(), uvloop.Loop))
 
 
 async def _announced(main: Coroutine[Any, Any, T]) -> T:
